@@ -1,0 +1,87 @@
+"""`python -m megatron_dualpipe {train,simulate,plan,eplb}`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train from a YAML recipe")
+    p.add_argument("recipe", help="path to a recipe YAML (e.g. recipes/tiny_moe_cpu.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set parallel.pp=2 (repeatable)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes to start on this machine (default: from the recipe)")
+
+
+def _run_train(args) -> int:
+    from megatron_dualpipe import launch
+    from megatron_dualpipe.config import load_recipe, world_size
+
+    overrides = list(args.overrides)
+    if args.nproc_per_node:
+        overrides.append(f"parallel.nproc_per_node={args.nproc_per_node}")
+    recipe = load_recipe(args.recipe, overrides)
+    launch.adopt_slurm_env()
+    if not launch.in_launched_job():
+        nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
+        if recipe.parallel.num_nodes > 1:
+            raise ValueError(
+                f"parallel.num_nodes={recipe.parallel.num_nodes}: start multi-node jobs with "
+                "torchrun or scripts/train.sbatch"
+            )
+        argv = ["train", args.recipe, *sum((["--set", o] for o in overrides), [])]
+        return launch.spawn_local(argv, nproc)
+    expected = world_size(recipe)
+    actual = int(os.environ["WORLD_SIZE"])
+    if actual != expected:
+        raise ValueError(
+            f"the job has WORLD_SIZE={actual} processes but the recipe needs {expected} "
+            "(parallel.num_nodes x parallel.nproc_per_node); fix one of them"
+        )
+    from megatron_dualpipe.train import run_worker
+
+    return run_worker(recipe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-dualpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _optional_subcommands(sub)
+    return parser
+
+
+_OPTIONAL = {
+    "simulate": ("megatron_dualpipe.schedules.simulate_cli", "simulate a pipeline schedule"),
+    "eplb": ("megatron_dualpipe.eplb.cli", "expert-parallel load balancing tools"),
+    "plan": ("megatron_dualpipe.plan", "dry-run a recipe: layout, parameters, memory"),
+}
+
+
+def _optional_subcommands(sub) -> None:
+    import importlib
+
+    for name, (module, help_text) in _OPTIONAL.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        return args._module.run(args)
+    except ValueError as err:
+        print(f"megatron-dualpipe {args.command}: error: {err}", file=sys.stderr)
+        return 2

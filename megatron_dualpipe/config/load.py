@@ -1,0 +1,156 @@
+"""Load a YAML recipe: resolve `include:`, apply `--set a.b=v` overrides, validate.
+
+Every problem is raised as one `ValueError` that names the recipe field path.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from megatron_dualpipe.config.schema import Recipe
+from megatron_dualpipe.config.validate import validate_recipe
+
+MAX_INCLUDE_DEPTH = 8
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge `override` into a copy of `base`; nested mappings merge, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_raw(path: str | Path, _depth: int = 0) -> dict:
+    """Read a recipe and everything it includes (paths relative to the including file)."""
+    path = Path(path)
+    if _depth > MAX_INCLUDE_DEPTH:
+        raise ValueError(f"recipe {path}: include: nested deeper than {MAX_INCLUDE_DEPTH}")
+    data = _read_yaml(path)
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ValueError(f"recipe {path}: include: must be a path or a list of paths")
+    merged: dict = {}
+    for include in includes:
+        merged = deep_merge(merged, load_raw(path.parent / include, _depth + 1))
+    return deep_merge(merged, data)
+
+
+def _section_fields(model: type[BaseModel], parts: list[str]) -> tuple[type[BaseModel], str]:
+    """Walk the schema along `parts[:-1]`; returns the owning model and the field name."""
+    for i, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            path = ".".join(parts[: i + 1])
+            allowed = ", ".join(
+                name
+                for name, f in model.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+            )
+            raise ValueError(f"--set {'.'.join(parts)}: '{path}' is not a section; sections: {allowed}")
+        model = annotation
+    return model, parts[-1]
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    """Apply `section.field=value` strings; values are parsed as YAML (`2`, `true`, `[1,2]`)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. parallel.pp=2")
+        parts = key.strip().split(".")
+        _section_fields(Recipe, parts)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item}: '{part}' is not a mapping in the recipe")
+        node[parts[-1]] = value
+    return raw
+
+
+def _allowed_values(model: type[BaseModel], loc: tuple) -> str:
+    """Describe the allowed values of the field at `loc` (for unknown/invalid fields)."""
+    owner: Any = model
+    for part in loc[:-1]:
+        field = owner.model_fields.get(part) if isinstance(owner, type) else None
+        if field is None or not (isinstance(field.annotation, type)):
+            return ""
+        owner = field.annotation
+    if not (isinstance(owner, type) and issubclass(owner, BaseModel)):
+        return ""
+    field = owner.model_fields.get(loc[-1])
+    if field is None:
+        return "allowed fields: " + ", ".join(owner.model_fields)
+    args = typing.get_args(field.annotation)
+    literal = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return "allowed values: " + ", ".join(map(str, args))
+    if literal:
+        return "allowed values: " + ", ".join(map(str, typing.get_args(literal[0])))
+    return ""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        path = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        allowed = _allowed_values(Recipe, loc)
+        lines.append(f"{path}: {msg}" + (f"; {allowed}" if allowed else ""))
+    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
+    """Validate a raw mapping into a `Recipe` and check cross-field rules."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, source)) from None
+    validate_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Load, include, override and validate a recipe file."""
+    raw = apply_overrides(load_raw(path), overrides)
+    return parse_recipe(raw, str(path))

@@ -1,0 +1,156 @@
+"""Typed recipe schema: the sections of a YAML recipe and their defaults.
+
+Field-level rules (types, ranges, allowed values) live here; rules that involve several
+fields are in `validate.py`. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Schedule = Literal["1f1b", "interleaved", "dualpipe", "dualpipev"]
+FP8Recipe = Literal["none", "blockwise", "delayed", "current", "mxfp8"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MLAConfig(Section):
+    """Multi-head latent attention sizes (DeepSeek-V2/V3)."""
+
+    q_lora_rank: Optional[int] = Field(1536, ge=1)
+    kv_lora_rank: int = Field(512, ge=1)
+    qk_head_dim: int = Field(128, ge=1)
+    qk_pos_emb_head_dim: int = Field(64, ge=1)
+    v_head_dim: int = Field(128, ge=1)
+
+
+class ModelConfig(Section):
+    num_layers: int = Field(4, ge=1)
+    num_dense_layers: int = Field(1, ge=0, description="leading dense (non-MoE) layers")
+    hidden_size: int = Field(64, ge=1)
+    ffn_hidden_size: int = Field(128, ge=1, description="FFN size of the dense layers")
+    num_attention_heads: int = Field(4, ge=1)
+    num_query_groups: Optional[int] = Field(None, ge=1)
+    attention: Literal["mha", "mla"] = "mha"
+    mla: MLAConfig = Field(default_factory=MLAConfig)
+    vocab_size: int = Field(256, ge=2)
+    seq_length: int = Field(32, ge=1)
+    mtp_num_layers: int = Field(0, ge=0)
+    mtp_loss_scaling_factor: float = Field(0.1, ge=0)
+    init_method_std: float = Field(0.02, gt=0)
+    rotary_base: int = Field(10000, ge=1)
+    norm_epsilon: float = Field(1e-6, gt=0)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    untie_embeddings: bool = True
+    spec: Literal["auto", "local", "te"] = Field(
+        "auto", description="layer implementation: Transformer Engine on GPU, local on CPU"
+    )
+
+
+class MoEConfig(Section):
+    num_experts: int = Field(8, ge=1)
+    topk: int = Field(2, ge=1)
+    ffn_hidden_size: int = Field(32, ge=1)
+    shared_expert_ffn_hidden_size: int = Field(32, ge=0, description="0 disables it")
+    num_groups: Optional[int] = Field(None, ge=1, description="expert groups (node-limited)")
+    group_topk: Optional[int] = Field(None, ge=1)
+    score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    topk_scaling_factor: Optional[float] = Field(None, gt=0)
+    expert_bias: bool = Field(True, description="aux-loss-free load-balancing bias")
+    bias_update_rate: float = Field(1e-3, ge=0)
+    seq_aux_loss_coeff: float = Field(0.0, ge=0)
+    token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    grouped_gemm: bool = False
+    router_dtype: Literal["fp32", "fp64"] = "fp32"
+    router_bias_init: float = Field(
+        0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"
+    )
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    vpp: Optional[int] = Field(None, ge=2, description="model chunks per rank, interleaved")
+    schedule: Schedule = "1f1b"
+    num_nodes: int = Field(1, ge=1)
+    nproc_per_node: Optional[int] = Field(None, ge=1, description="default: tp*pp*ep")
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    zero_bubble: bool = Field(True, description="split weight grads (DualPipe W phases)")
+    overlap_fb: bool = Field(True, description="overlapped forward+backward chunk (GPU)")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class FP8Config(Section):
+    recipe: FP8Recipe = "none"
+    format: Literal["e4m3", "hybrid"] = "e4m3"
+    param_gather: bool = False
+    bf16_layers_at_start: int = Field(0, ge=0)
+    bf16_layers_at_end: int = Field(0, ge=0)
+    dispatch: bool = False
+    grouped_gemm_fused: bool = False
+
+
+class EPLBConfig(Section):
+    enabled: bool = False
+    num_redundant_experts: int = Field(0, ge=0)
+    policy: Literal["auto", "hierarchical", "global"] = "auto"
+    window: int = Field(100, ge=1)
+    window_kind: Literal["sliding", "ema"] = "sliding"
+    interval: int = Field(100, ge=1)
+    migration_aware: bool = True
+    min_gain: float = Field(0.01, ge=0)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class DataConfig(Section):
+    kind: Literal["synthetic", "indexed"] = "synthetic"
+    path: Optional[str] = Field(None, description="Megatron indexed dataset prefix")
+    seed: int = 1234
+
+
+class TrainConfig(Section):
+    steps: int = Field(40, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    seed: int = 1234
+    log_dir: str = "runs/default"
+    ckpt_dir: Optional[str] = None
+    save_interval: int = Field(0, ge=0, description="steps between checkpoints; 0: at the end")
+    resume: bool = True
+    log_interval: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensorboard: bool = False
+    deterministic: bool = True
+
+
+class Recipe(Section):
+    """A whole recipe. `include:` is resolved before validation (see `load.py`)."""
+
+    name: str = "recipe"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    fp8: FP8Config = Field(default_factory=FP8Config)
+    eplb: EPLBConfig = Field(default_factory=EPLBConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)

@@ -1,0 +1,144 @@
+"""Map a recipe onto Megatron-Core's TransformerConfig, DDP config and OptimizerConfig."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_dualpipe.config.schema import Recipe
+from megatron_dualpipe.config.validate import num_physical_experts
+
+
+def _dtype(recipe: Recipe) -> torch.dtype:
+    return torch.bfloat16 if recipe.model.dtype == "bf16" else torch.float32
+
+
+def virtual_pipeline_size(recipe: Recipe) -> int | None:
+    """Model chunks per rank as Megatron sees them (DualPipeV: 2, V-shaped offsets)."""
+    p = recipe.parallel
+    if p.schedule == "interleaved":
+        return p.vpp
+    if p.schedule == "dualpipev":
+        return 2
+    return None
+
+
+def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for `TransformerConfig`/`MLATransformerConfig`, field by field."""
+    m, moe, p, f = recipe.model, recipe.moe, recipe.parallel, recipe.fp8
+    on_gpu = device.type == "cuda"
+    dtype = _dtype(recipe)
+    num_moe_layers = m.num_layers - m.num_dense_layers
+    kw: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        init_method_std=m.init_method_std,
+        layernorm_epsilon=m.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(recipe),
+        expert_model_parallel_size=p.ep,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        deterministic_mode=recipe.train.deterministic and not on_gpu,
+        # MoE
+        num_moe_experts=num_physical_experts(recipe) if num_moe_layers else None,
+        moe_layer_freq=[0] * m.num_dense_layers + [1] * num_moe_layers,
+        moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_router_num_groups=moe.num_groups,
+        moe_router_group_topk=moe.group_topk,
+        moe_router_score_function=moe.score_function,
+        moe_router_topk_scaling_factor=moe.topk_scaling_factor,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
+        moe_router_load_balancing_type="seq_aux_loss" if moe.seq_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=moe.seq_aux_loss_coeff,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_grouped_gemm=moe.grouped_gemm and on_gpu,
+        moe_router_dtype=moe.router_dtype,
+        moe_permute_fusion=False,
+        # MTP
+        mtp_num_layers=m.mtp_num_layers or None,
+        mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
+    )
+    if m.attention == "mla":
+        kw.update(
+            multi_latent_attention=True,
+            q_lora_rank=m.mla.q_lora_rank,
+            kv_lora_rank=m.mla.kv_lora_rank,
+            qk_head_dim=m.mla.qk_head_dim,
+            qk_pos_emb_head_dim=m.mla.qk_pos_emb_head_dim,
+            v_head_dim=m.mla.v_head_dim,
+            rotary_base=m.rotary_base,
+        )
+    if f.recipe != "none":
+        kw.update(
+            fp8=f.format,
+            fp8_recipe=f.recipe,
+            fp8_param=f.param_gather,
+            first_last_layers_bf16=bool(f.bf16_layers_at_start or f.bf16_layers_at_end),
+            num_layers_at_start_in_bf16=f.bf16_layers_at_start,
+            num_layers_at_end_in_bf16=f.bf16_layers_at_end,
+            moe_router_padding_for_fp8=f.recipe in ("blockwise", "mxfp8"),
+        )
+    return kw
+
+
+def transformer_config(recipe: Recipe, device: torch.device):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    kw = transformer_config_kwargs(recipe, device)
+    cls = MLATransformerConfig if kw.get("multi_latent_attention") else TransformerConfig
+    return cls(**kw)
+
+
+def ddp_config(recipe: Recipe):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = recipe.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        use_distributed_optimizer=p.distributed_optimizer,
+        check_for_nan_in_grad=False,
+        bucket_size=None,
+    )
+
+
+def optimizer_config(recipe: Recipe):
+    from megatron.core.optimizer import OptimizerConfig
+
+    o = recipe.optimizer
+    return OptimizerConfig(
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=recipe.model.dtype == "bf16",
+        params_dtype=_dtype(recipe),
+        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+    )

@@ -1,0 +1,208 @@
+"""Cross-field recipe rules, checked before any process group exists.
+
+Each rule raises `ValueError` naming the recipe fields involved and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_dualpipe.config.schema import Recipe
+
+
+def default_nproc_per_node(recipe: Recipe) -> int:
+    p = recipe.parallel
+    return p.pp * math.lcm(p.tp, p.ep)
+
+
+def world_size(recipe: Recipe) -> int:
+    p = recipe.parallel
+    return p.num_nodes * (p.nproc_per_node or default_nproc_per_node(recipe))
+
+
+def data_parallel_size(recipe: Recipe) -> int:
+    p = recipe.parallel
+    return world_size(recipe) // (p.tp * p.pp)
+
+
+def num_microbatches(recipe: Recipe) -> int:
+    t = recipe.train
+    return t.global_batch_size // (t.micro_batch_size * data_parallel_size(recipe))
+
+
+def num_physical_experts(recipe: Recipe) -> int:
+    extra = recipe.eplb.num_redundant_experts if recipe.eplb.enabled else 0
+    return recipe.moe.num_experts + extra
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest(values: list[int], target: int) -> str:
+    best = sorted(values, key=lambda v: (abs(v - target), v))[:2]
+    return " or ".join(str(v) for v in sorted(best))
+
+
+def check_parallel(recipe: Recipe) -> None:
+    p = recipe.parallel
+    world = world_size(recipe)
+    if world % (p.tp * p.pp):
+        raise ValueError(
+            f"parallel: world size {world} (parallel.num_nodes x parallel.nproc_per_node) is not "
+            f"divisible by parallel.tp x parallel.pp = {p.tp * p.pp}"
+        )
+    if (world // p.pp) % p.ep:
+        raise ValueError(
+            f"parallel.ep={p.ep} must divide the ranks of one pipeline stage "
+            f"(world size {world} / parallel.pp {p.pp} = {world // p.pp}); valid: "
+            f"{_divisors(world // p.pp)}"
+        )
+    if p.schedule == "interleaved" and p.vpp is None:
+        raise ValueError("parallel.vpp is required for parallel.schedule=interleaved (e.g. 2)")
+    if p.schedule != "interleaved" and p.vpp is not None:
+        raise ValueError(
+            f"parallel.vpp applies only to parallel.schedule=interleaved (schedule is {p.schedule}); "
+            "dualpipe/dualpipev always use two chunks per rank"
+        )
+    if p.schedule in ("dualpipe", "dualpipev") and p.pp < 2:
+        raise ValueError(f"parallel.schedule={p.schedule} needs parallel.pp >= 2 (got {p.pp})")
+    if p.schedule == "dualpipe" and p.pp % 2:
+        raise ValueError(
+            f"parallel.pp={p.pp} must be even for dualpipe; nearest valid: "
+            f"{_nearest([v for v in range(2, 2 * p.pp + 2, 2)], p.pp)}"
+        )
+
+
+def num_pipeline_stages(recipe: Recipe) -> int:
+    p = recipe.parallel
+    if p.schedule in ("dualpipe", "dualpipev"):
+        return 2 * p.pp
+    if p.schedule == "interleaved":
+        return p.pp * (p.vpp or 1)
+    return p.pp
+
+
+def check_layers(recipe: Recipe) -> None:
+    m, p = recipe.model, recipe.parallel
+    stages = num_pipeline_stages(recipe)
+    if m.num_layers % stages:
+        valid = [n for n in range(stages, 2 * m.num_layers + stages, stages)]
+        raise ValueError(
+            f"model.num_layers={m.num_layers} must split evenly into {stages} pipeline stages "
+            f"(parallel.schedule={p.schedule}, parallel.pp={p.pp}); nearest valid "
+            f"model.num_layers: {_nearest(valid, m.num_layers)}"
+        )
+    if m.num_dense_layers > m.num_layers:
+        raise ValueError(
+            f"model.num_dense_layers={m.num_dense_layers} exceeds model.num_layers={m.num_layers}"
+        )
+    if m.attention == "mha" and m.hidden_size % m.num_attention_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} must be divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % p.tp:
+        raise ValueError(
+            f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+            f"parallel.tp={p.tp}"
+        )
+
+
+def check_moe(recipe: Recipe) -> None:
+    moe, p = recipe.moe, recipe.parallel
+    if moe.topk > moe.num_experts:
+        raise ValueError(f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}")
+    physical = num_physical_experts(recipe)
+    if physical % p.ep:
+        what = "moe.num_experts" + (" + eplb.num_redundant_experts" if recipe.eplb.enabled else "")
+        raise ValueError(
+            f"{what} = {physical} is not divisible by parallel.ep={p.ep}; valid parallel.ep: "
+            f"{_divisors(physical)}"
+        )
+    if (moe.num_groups is None) != (moe.group_topk is None):
+        raise ValueError("moe.num_groups and moe.group_topk must be set together (or neither)")
+    if moe.num_groups is not None:
+        if moe.num_experts % moe.num_groups:
+            raise ValueError(
+                f"moe.num_groups={moe.num_groups} must divide moe.num_experts={moe.num_experts}; "
+                f"valid: {_divisors(moe.num_experts)}"
+            )
+        if moe.group_topk > moe.num_groups:
+            raise ValueError(
+                f"moe.group_topk={moe.group_topk} exceeds moe.num_groups={moe.num_groups}"
+            )
+        per_group = moe.num_experts // moe.num_groups
+        if moe.topk > moe.group_topk * per_group:
+            raise ValueError(
+                f"moe.topk={moe.topk} exceeds the experts reachable in moe.group_topk="
+                f"{moe.group_topk} groups of {per_group}"
+            )
+
+
+def check_batch(recipe: Recipe) -> None:
+    t = recipe.train
+    dp = data_parallel_size(recipe)
+    unit = t.micro_batch_size * dp
+    if t.global_batch_size % unit:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}"
+        )
+    p = recipe.parallel
+    if p.schedule in ("dualpipe", "dualpipev"):
+        m = num_microbatches(recipe)
+        need = 2 * p.pp
+        if m < need or (p.schedule == "dualpipe" and m % 2):
+            valid = need if m < need else m + 1
+            raise ValueError(
+                f"parallel.schedule={p.schedule} with parallel.pp={p.pp} needs an "
+                f"{'even ' if p.schedule == 'dualpipe' else ''}number of micro-batches >= {need}, "
+                f"got {m} (train.global_batch_size / (train.micro_batch_size x dp)); nearest valid "
+                f"train.global_batch_size: {valid * unit}"
+            )
+
+
+def check_eplb(recipe: Recipe) -> None:
+    e = recipe.eplb
+    if e.num_redundant_experts and not e.enabled:
+        raise ValueError("eplb.num_redundant_experts is set but eplb.enabled is false")
+
+
+def check_fp8(recipe: Recipe) -> None:
+    f = recipe.fp8
+    if f.recipe == "none":
+        return
+    if recipe.train.device == "cpu":
+        raise ValueError(
+            f"fp8.recipe={f.recipe} needs a GPU with Transformer Engine; train.device is cpu "
+            "(use fp8.recipe=none on CPU)"
+        )
+    if f.bf16_layers_at_start + f.bf16_layers_at_end > recipe.model.num_layers:
+        raise ValueError(
+            "fp8.bf16_layers_at_start + fp8.bf16_layers_at_end exceeds model.num_layers"
+        )
+    if f.recipe in ("blockwise", "mxfp8"):
+        m, moe = recipe.model, recipe.moe
+        for name, dim in (
+            ("model.hidden_size", m.hidden_size),
+            ("model.ffn_hidden_size", m.ffn_hidden_size),
+            ("moe.ffn_hidden_size", moe.ffn_hidden_size),
+        ):
+            if dim % 128:
+                raise ValueError(
+                    f"{name}={dim} must be a multiple of 128 for fp8.recipe={f.recipe} "
+                    "(128x128 weight blocks)"
+                )
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """All cross-field rules, in the order a user would fix them."""
+    check_parallel(recipe)
+    check_layers(recipe)
+    check_moe(recipe)
+    check_batch(recipe)
+    check_eplb(recipe)
+    check_fp8(recipe)

@@ -1,0 +1,109 @@
+"""Process groups: torch.distributed and Megatron-Core parallel state from a recipe."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_dualpipe.config import Recipe
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read from torchrun/Slurm-style variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    want = recipe.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
+    return torch.device(want)
+
+
+def init_distributed(recipe: Recipe, device: torch.device) -> DistEnv:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's parallel state."""
+    from megatron.core import parallel_state
+
+    env = DistEnv.from_environ()
+    backend = recipe.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=int(os.environ.get("MDP_DIST_TIMEOUT_MIN", 10))),
+        )
+    p = recipe.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+    )
+    return env
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class PipelineRankView:
+    """The pipeline group, reporting another stage rank to the model-building code.
+
+    Megatron-Core derives a chunk's layer offset and first/last-stage flags from
+    `pg_collection.pp.rank()`. DualPipe(V) chunks hold stages that interleaved offsets do not
+    describe (V shape, mirrored stages), so each chunk is built with this view of the group.
+    All other attributes are those of the real group.
+    """
+
+    def __init__(self, group, stage_rank: int):
+        self._group = group
+        self._stage_rank = stage_rank
+
+    def rank(self) -> int:
+        return self._stage_rank
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+
+def process_groups(stage_rank: int | None = None):
+    """Megatron's `ProcessGroupCollection`, optionally with the pipeline rank viewed as
+    `stage_rank` (see `PipelineRankView`)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    pgc = ProcessGroupCollection.use_mpu_process_groups()
+    if stage_rank is None:
+        return pgc
+    view = copy.copy(pgc)
+    view.pp = PipelineRankView(pgc.pp, stage_rank)
+    return view

@@ -1,0 +1,71 @@
+"""Per-step progress lines and the metrics JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Writes one JSON object per step to `<log_dir>/metrics.jsonl` and prints a progress line.
+
+    Only the process with `enabled=True` (global rank 0) writes or prints.
+    """
+
+    def __init__(self, log_dir: str, total_steps: int, enabled: bool, resume_step: int = 0,
+                 tensorboard: bool = False):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step and self.path.exists():
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir)
+            except ImportError:
+                print("tensorboard not installed; logging to metrics.jsonl only", file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the records of steps < `step` (a resumed run rewrites later ones)."""
+        kept = [
+            line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) < step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+        print(format_progress(record, self.total_steps), flush=True)
+
+
+def format_progress(record: dict, total_steps: int) -> str:
+    parts = [
+        f"step {record['step'] + 1:>4}/{total_steps}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"grad_norm {record['grad_norm']:.3f}",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+        f"{record['step_time_s']:.2f} s",
+    ]
+    if "eplb_balancedness" in record:
+        parts.append(f"eplb {record['eplb_balancedness']:.3f}")
+    return " | ".join(parts)

@@ -1,0 +1,69 @@
+"""Layout-independent parameter initialization.
+
+Every parameter is drawn from a generator seeded by the run seed and the parameter's
+*global* name (global layer and expert indices), so a model split over any pipeline, expert
+or tensor layout starts from exactly the same weights as the unsplit model. Distributions
+follow Megatron-Core: normal(0, init_method_std) for weights, scaled by 1/sqrt(2L) for output
+projections, ones for norms, zeros for biases.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+_LOCAL_EXPERT = re.compile(r"^(.*experts\.local_experts\.)(\d+)(\..*)$")
+_TE_EXPERT = re.compile(r"^(.*experts\.linear_fc[12]\.weight)(\d+)$")
+_OUTPUT_PROJ = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def global_param_name(chunk, local_name: str, ep_rank: int, num_local_experts: int) -> str:
+    """Rename `decoder.layers.<local>` and local expert indices to global indices."""
+    name = local_name.removeprefix("module.")
+    match = _LAYER.match(name)
+    if match:
+        layer = chunk.decoder.layers[int(match.group(2))]
+        name = f"{match.group(1)}{layer.layer_number - 1}{match.group(3)}"
+    for pattern in (_LOCAL_EXPERT, _TE_EXPERT):
+        match = pattern.match(name)
+        if match:
+            expert = ep_rank * num_local_experts + int(match.group(2))
+            name = f"{match.group(1)}{expert}{match.group(3) if pattern is _LOCAL_EXPERT else ''}"
+    return name
+
+
+def _full_shape(param: torch.Tensor, tp: int) -> tuple[list[int], int | None]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        dim = param.partition_dim
+        shape[dim] *= tp
+        return shape, dim
+    return shape, None
+
+
+def init_value(name: str, shape: list[int], std: float, num_layers: int, seed: int):
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf in ("weight",) or name.endswith("layer_norm_weight"):
+        return torch.ones(shape)
+    if leaf.startswith("bias") or name.endswith("expert_bias"):
+        return torch.zeros(shape)
+    if any(name.endswith(p) for p in _OUTPUT_PROJ) or ".linear_fc2.weight" in name:
+        std = std / (2.0 * num_layers) ** 0.5
+    return torch.randn(shape, generator=generator) * std
+
+
+@torch.no_grad()
+def init_chunk(chunk, *, seed: int, std: float, num_layers: int, tp: int, tp_rank: int,
+               ep_rank: int, num_local_experts: int) -> None:
+    """Overwrite every parameter of `chunk` with its layout-independent initial value."""
+    for local_name, param in chunk.named_parameters():
+        name = global_param_name(chunk, local_name, ep_rank, num_local_experts)
+        shape, dim = _full_shape(param, tp)
+        value = init_value(name, shape, std, num_layers, seed)
+        if dim is not None:
+            value = value.chunk(tp, dim=dim)[tp_rank]
+        param.copy_(value.to(param.dtype))

@@ -1,0 +1,48 @@
+"""The few places Megatron-Core must be patched to run on CPU (gloo).
+
+Each file holds one target; every patch is version-guarded (megatron-core 0.19.x),
+reversible, and applied only when CUDA is absent. `apply_cpu_patches()` applies them all;
+`revert_cpu_patches()` restores Megatron-Core as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dualpipe.patches import (
+    alltoall_splits,
+    clip_grads,
+    cuda_calls,
+    distrib_optimizer_init,
+    float16_optimizer_init,
+    rng_tracker,
+)
+from megatron_dualpipe.patches.base import Patch
+
+_PATCHES: list[Patch] = []
+
+
+def cpu_patches() -> list[Patch]:
+    """The CPU patches, created once (applying is idempotent)."""
+    if not _PATCHES:
+        _PATCHES.extend(cuda_calls.make_patches())
+        _PATCHES.append(rng_tracker.make_patch())
+        _PATCHES.append(alltoall_splits.make_patch())
+        _PATCHES.append(clip_grads.make_patch())
+        _PATCHES.append(distrib_optimizer_init.make_patch())
+        _PATCHES.append(float16_optimizer_init.make_patch())
+    return _PATCHES
+
+
+def apply_cpu_patches(force: bool = False) -> bool:
+    """Apply the CPU patches when CUDA is absent (or `force`). Returns whether they are on."""
+    if torch.cuda.is_available() and not force:
+        return False
+    for patch in cpu_patches():
+        patch.apply()
+    return True
+
+
+def revert_cpu_patches() -> None:
+    for patch in reversed(cpu_patches()):
+        patch.revert()

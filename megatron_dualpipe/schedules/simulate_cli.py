@@ -1,0 +1,97 @@
+"""``python -m megatron_dualpipe simulate``: simulate a pipeline schedule and report bubbles.
+
+Example::
+
+    python -m megatron_dualpipe simulate --schedule dualpipev --pp 4 --microbatches 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_dualpipe.schedules.actions import SCHEDULES, build_actions, validate
+from megatron_dualpipe.schedules.simulator import (
+    Costs,
+    SimResult,
+    closed_form_bubble,
+    simulate,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``simulate`` options to ``parser``."""
+    parser.add_argument("--schedule", choices=SCHEDULES, required=True)
+    parser.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    parser.add_argument("--microbatches", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=2, help="model chunks (interleaved)")
+    parser.add_argument("--f", type=float, default=1.0, help="forward cost of one chunk")
+    parser.add_argument("--b", type=float, default=2.0, help="full backward cost")
+    parser.add_argument("--w", type=float, default=1.0, help="weight-grad part of B")
+    parser.add_argument("--fb", type=float, default=2.5, help="overlapped F&B pair cost")
+    parser.add_argument("--p2p", type=float, default=0.0, help="cross-rank latency")
+    parser.add_argument("--no-overlap", action="store_true", help="run F&B pairs as F then B")
+    parser.add_argument("--no-zero-bubble", action="store_true", help="never split B into B+W")
+    parser.add_argument("--png", metavar="FILE", help="draw the timeline to FILE")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _report(result: SimResult, closed_form: float | None) -> str:
+    head = (f"{result.schedule}: pp={result.num_ranks} microbatches={result.num_microbatches} "
+            f"makespan={result.makespan:g}")
+    lines = [head]
+    lines.append(f"{'rank':>4} {'compute':>9} {'idle':>8} {'peak_act':>8}")
+    for r in range(result.num_ranks):
+        lines.append(f"{r:>4} {result.compute_per_rank[r]:>9g} "
+                     f"{result.bubble_per_rank[r]:>8g} {result.peak_activations_per_rank[r]:>8}")
+    if result.num_ranks <= 8:
+        for r, timeline in enumerate(result.timelines):
+            lines.append(f"rank {r}: " + " ".join(str(e.action) for e in timeline))
+    suffix = "" if closed_form is None else f" (closed form {closed_form:g})"
+    lines.append(f"bubble (idle time of the most idle rank): {result.bubble:g}{suffix}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``simulate`` command; returns the process exit code."""
+    try:
+        validate(args.schedule, args.pp, args.microbatches, num_chunks=args.chunks)
+        costs = Costs(args.f, args.b, args.w, args.fb, args.p2p)
+        if not 0 <= costs.w <= costs.b:
+            raise ValueError(f"--w={args.w:g} must be between 0 and --b={args.b:g}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    actions = build_actions(args.schedule, args.pp, args.microbatches,
+                            overlap=not args.no_overlap, zero_bubble=not args.no_zero_bubble,
+                            num_chunks=args.chunks)
+    result = simulate(args.schedule, actions, args.microbatches, costs, args.chunks)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        default_variant = not (args.no_overlap or args.no_zero_bubble)
+        closed = closed_form_bubble(args.schedule, args.pp, costs) if default_variant else None
+        print(_report(result, closed))
+    if args.png:
+        from megatron_dualpipe.schedules.draw import draw_timeline
+
+        try:
+            draw_timeline(result, args.png)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if not args.json:
+            print(f"wrote {args.png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m megatron_dualpipe.schedules.simulate_cli``)."""
+    parser = argparse.ArgumentParser(prog="megatron_dualpipe simulate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

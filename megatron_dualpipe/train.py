@@ -1,0 +1,199 @@
+"""The training loop: Megatron-Core model, optimizer and pipeline schedule from a recipe."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
+from megatron_dualpipe.config.to_megatron import optimizer_config
+from megatron_dualpipe.data import make_source
+from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
+from megatron_dualpipe.metrics import MetricsLogger
+from megatron_dualpipe.model.build import build_model
+from megatron_dualpipe.schedules.registry import forward_backward_func
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses, token count, and the pair for logging."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+@dataclass
+class TrainState:
+    """Everything the loop owns; returned so tests can inspect it."""
+
+    recipe: Recipe
+    device: torch.device
+    config: object
+    model: list
+    optimizer: object
+    scheduler: object
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+def build_scheduler(recipe: Recipe, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = recipe.optimizer
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.lr_warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=max(recipe.train.steps, o.lr_warmup_steps + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=recipe.train.steps,
+        wd_incr_style="constant",
+    )
+
+
+def setup(recipe: Recipe, router_cls=None) -> TrainState:
+    """Process groups, model chunks, optimizer and LR schedule."""
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    from megatron_dualpipe.patches import apply_cpu_patches
+
+    device = resolve_device(recipe)
+    if device.type == "cpu":
+        apply_cpu_patches()
+    init_distributed(recipe, device)
+    torch.manual_seed(recipe.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed)
+    if recipe.train.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    config, model = build_model(recipe, device, router_cls=router_cls)
+    optimizer = get_megatron_optimizer(optimizer_config(recipe), model)
+    config.finalize_model_grads_func = finalize_model_grads
+    scheduler = build_scheduler(recipe, optimizer)
+    return TrainState(recipe, device, config, model, optimizer, scheduler)
+
+
+def _global_loss(forward_data_store: list, device: torch.device) -> tuple[float, list[float]]:
+    """Per-token loss over the whole global batch, and this rank's per-micro-batch losses."""
+    from megatron.core import parallel_state
+
+    per_microbatch = [float(o["lm loss"][0] / o["lm loss"][1]) for o in forward_data_store]
+    pair = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        for o in forward_data_store:
+            pair += o["lm loss"].to(torch.float64)
+    dist.all_reduce(pair)
+    return float(pair[0] / pair[1]), per_microbatch
+
+
+def train_step(state: TrainState, source, step: int, forward_only: bool = False) -> dict:
+    """One optimizer step over the global batch; returns the step's record."""
+    recipe = state.recipe
+    fb = forward_backward_func(recipe.parallel.schedule)
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    num_chunks = len(state.model)
+    data_iterator = (
+        [source.iterator(step) for _ in range(num_chunks)] if num_chunks > 1
+        else source.iterator(step)
+    )
+    start = time.perf_counter()
+    store = fb(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=state.model,
+        num_microbatches=source.num_microbatches,
+        seq_length=recipe.model.seq_length,
+        micro_batch_size=recipe.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+    grad_norm = 0.0
+    if not forward_only:
+        _, grad_norm, _ = state.optimizer.step()
+        state.scheduler.step(increment=1)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    loss, per_microbatch = _global_loss(store, state.device)
+    tokens = recipe.train.global_batch_size * recipe.model.seq_length
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm or 0.0),
+        "tokens_per_s": tokens / elapsed,
+        "step_time_s": elapsed,
+        "microbatch_losses": per_microbatch,
+    }
+
+
+def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
+    """Run (or resume) training as this process's part of the job."""
+    from megatron_dualpipe import checkpoint
+
+    state = setup(recipe)
+    rank = dist.get_rank()
+    source = make_source(recipe, _dp_rank(), state.device)
+    if recipe.train.ckpt_dir and recipe.train.resume:
+        state.step = checkpoint.load(state, recipe.train.ckpt_dir)
+    logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
+                           resume_step=state.step, tensorboard=recipe.train.tensorboard)
+    if rank == 0:
+        print(
+            f"[megatron_dualpipe] {recipe.name}: world {dist.get_world_size()}, "
+            f"tp={recipe.parallel.tp} pp={recipe.parallel.pp} ep={recipe.parallel.ep} "
+            f"dp={data_parallel_size(recipe)}, schedule={recipe.parallel.schedule}, "
+            f"{num_microbatches(recipe)} micro-batches/step, device={state.device.type}"
+            + (f", resuming at step {state.step}" if state.step else ""),
+            flush=True,
+        )
+    last = recipe.train.steps if stop_after is None else min(recipe.train.steps, stop_after)
+    while state.step < last:
+        record = train_step(state, source, state.step)
+        record.pop("microbatch_losses")
+        state.history.append(record)
+        logger.log(record)
+        state.step += 1
+        interval = recipe.train.save_interval
+        if recipe.train.ckpt_dir and (
+            (interval and state.step % interval == 0) or state.step == recipe.train.steps
+        ):
+            checkpoint.save(state, recipe.train.ckpt_dir)
+    return state
+
+
+def _dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def run_worker(recipe: Recipe) -> int:
+    try:
+        train(recipe)
+    finally:
+        destroy_distributed()
+    return 0
