@@ -49,6 +49,18 @@ class ModelConfig(Section):
     spec: Literal["auto", "local", "te"] = Field(
         "auto", description="layer implementation: Transformer Engine on GPU, local on CPU"
     )
+    recompute_modules: list[
+        Literal["core_attn", "layernorm", "mla_up_proj", "mlp", "moe_act", "moe", "shared_experts"]
+    ] = Field(
+        default_factory=list,
+        description="selective activation recomputation (Megatron recompute_modules); "
+        "[]: none. DeepSeek-V3 recomputes layernorm, mla_up_proj and the MoE SwiGLU (moe_act)",
+    )
+    mtp_loss_scaling_schedule: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="[[from_tokens, factor], ...]: mtp_loss_scaling_factor becomes factor once "
+        "from_tokens training tokens are consumed (DeepSeek-V3: 0.3, then 0.1 from 10T)",
+    )
 
 
 class MoEConfig(Section):
@@ -69,6 +81,11 @@ class MoEConfig(Section):
     router_bias_init: float = Field(
         0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"
     )
+    bias_update_rate_schedule: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="[[from_tokens, rate], ...]: bias_update_rate becomes rate once from_tokens "
+        "training tokens are consumed (DeepSeek-V3: 0.001, then 0 from 14.3T)",
+    )
 
 
 class ParallelConfig(Section):
@@ -85,6 +102,11 @@ class ParallelConfig(Section):
     zero_bubble: bool = Field(True, description="split weight grads (DualPipe W phases)")
     overlap_fb: bool = Field(True, description="overlapped forward+backward chunk (GPU)")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    layers_per_stage: list[int] | None = Field(
+        None,
+        description="explicit decoder layers per pipeline stage (uneven split; see "
+        "config/stage_split.py); None: even split",
+    )
 
 
 class FP8Config(Section):
@@ -95,6 +117,11 @@ class FP8Config(Section):
     bf16_layers_at_end: int = Field(0, ge=0)
     dispatch: bool = False
     grouped_gemm_fused: bool = False
+    activation_input_store: bool = Field(
+        False,
+        description="keep the SwiGLU input for the backward in FP8 (Megatron "
+        "activation_func_fp8_input_store; DeepSeek-V3 §3.3.3)",
+    )
 
 
 class EPLBConfig(Section):
@@ -119,6 +146,14 @@ class OptimizerConfig(Section):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
     clip_grad: float = Field(1.0, ge=0, description="0 disables clipping")
+    moment_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Adam m and v dtype (bf16: Megatron's precision-aware optimizer)"
+    )
+    lr_schedule_tokens: list[tuple[float, float, Literal["constant", "linear", "cosine"]]] = Field(
+        default_factory=list,
+        description="token-based phases after warm-up, [[until_tokens, lr_at_end, shape], ...]; "
+        "when set it replaces lr_decay_style/min_lr",
+    )
 
 
 class DataConfig(Section):
@@ -140,6 +175,11 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensorboard: bool = False
     deterministic: bool = True
+    batch_ramp: tuple[int, int, int] | None = Field(
+        None,
+        description="[start, end, ramp_samples]: global batch grows linearly from start to end "
+        "(= global_batch_size) over ramp_samples samples (Megatron rampup_batch_size)",
+    )
 
 
 class Recipe(Section):

@@ -31,7 +31,8 @@ def greedy_pack(weight_RN: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.n
     rows = np.arange(num_rows)
     if per_pack == 1:
         # The reference short-circuits this case to the identity assignment.
-        return np.tile(np.arange(num_items), (num_rows, 1)), np.zeros((num_rows, num_items), np.int64)
+        identity = np.tile(np.arange(num_items), (num_rows, 1))
+        return identity, np.zeros((num_rows, num_items), np.int64)
     # Same call as the reference (not stable=True): ties come out in torch's own order.
     order_RN = torch.from_numpy(weight_RN).sort(dim=-1, descending=True).indices.numpy()
     pack_load = np.zeros((num_rows, num_packs), np.float32)
@@ -116,10 +117,10 @@ def plan_compat(
     gpu_of_phy, rank_on_gpu = greedy_pack(replica_load, num_gpus // num_nodes)
     placed2phy = _inverse_perm(gpu_of_phy * slots_per_gpu + rank_on_gpu)
 
-    placed2mlog = np.take_along_axis(phy2mlog, placed2phy, axis=1).reshape(num_layers, num_nodes, -1)
-    placed2mlog = (placed2mlog + (np.arange(num_nodes) * log_per_node)[None, :, None]).reshape(
-        num_layers, -1
-    )
+    placed2mlog = np.take_along_axis(phy2mlog, placed2phy, axis=1)
+    node_base = (np.arange(num_nodes) * log_per_node)[None, :, None]
+    placed2mlog = (placed2mlog.reshape(num_layers, num_nodes, -1) + node_base).reshape(
+        num_layers, -1)
     phy2log = np.take_along_axis(mlog2log, placed2mlog, axis=1)
     replica_rank = np.take_along_axis(phy_rank, placed2phy, axis=1).reshape(num_layers, -1)
     logcnt = np.take_along_axis(mlog_count.reshape(num_layers, -1), log2mlog, axis=1)

@@ -1,0 +1,103 @@
+"""Decoder layers per pipeline stage: the even split, or `parallel.layers_per_stage`.
+
+A *stage* is what `model/layout.py` calls one: 1f1b has pp stages, interleaved pp*vpp,
+dualpipe pp (each held twice, by mirror ranks), dualpipev 2*pp. Stage 0 also holds the
+embedding, the last stage the final norm, the MTP block and the output head.
+
+Without `layers_per_stage` the split must be even (the rule is `validate.check_layers`);
+with it, any split that sums to `model.num_layers` is allowed, e.g. DeepSeek-V3's 61 layers
+over 16 DualPipe stages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from megatron_dualpipe.model.layout import chunk_placements
+
+if TYPE_CHECKING:
+    from megatron_dualpipe.config.schema import Recipe
+
+
+def num_stages(recipe: Recipe) -> int:
+    """Number of layer blocks the schedule cuts the decoder into (see module docstring)."""
+    p = recipe.parallel
+    return chunk_placements(p.schedule, p.pp, 0, p.vpp)[0].num_stages
+
+
+def stage_sizes(recipe: Recipe) -> list[int]:
+    """Decoder layers of every stage, in stage order."""
+    explicit = recipe.parallel.layers_per_stage
+    if explicit is not None:
+        return list(explicit)
+    stages = num_stages(recipe)
+    return [recipe.model.num_layers // stages] * stages
+
+
+def layers_of_stage(recipe: Recipe, stage: int) -> range:
+    """Global decoder-layer indices held by `stage`."""
+    sizes = stage_sizes(recipe)
+    if not 0 <= stage < len(sizes):
+        raise ValueError(f"stage {stage} out of range: the recipe has {len(sizes)} stages")
+    start = sum(sizes[:stage])
+    return range(start, start + sizes[stage])
+
+
+def check_stage_split(recipe: Recipe) -> None:
+    """Layer split rules; replaces `validate.check_layers` (which it calls when no explicit split).
+
+    Raises `ValueError` naming the fields involved.
+    """
+    from megatron_dualpipe.config.validate import check_layers
+
+    explicit = recipe.parallel.layers_per_stage
+    if explicit is None:
+        check_layers(recipe)
+        return
+    m, p = recipe.model, recipe.parallel
+    stages = num_stages(recipe)
+    where = f"parallel.schedule={p.schedule}, parallel.pp={p.pp}"
+    if len(explicit) != stages:
+        raise ValueError(
+            f"parallel.layers_per_stage has {len(explicit)} entries but {where} has {stages} "
+            "pipeline stages; give one decoder-layer count per stage"
+        )
+    if any(n < 0 for n in explicit):
+        raise ValueError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
+    if sum(explicit) != m.num_layers:
+        raise ValueError(
+            f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
+            f"{m.num_layers}"
+        )
+    # The rest of check_layers, which does not depend on the split.
+    if m.num_dense_layers > m.num_layers:
+        raise ValueError(
+            f"model.num_dense_layers={m.num_dense_layers} exceeds model.num_layers={m.num_layers}"
+        )
+    if m.attention == "mha" and m.hidden_size % m.num_attention_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} must be divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % p.tp:
+        raise ValueError(
+            f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+            f"parallel.tp={p.tp}"
+        )
+
+
+def megatron_layout(recipe: Recipe) -> list[list[str]]:
+    """`TransformerConfig.pipeline_model_parallel_layout` rows, one per stage, in stage order.
+
+    Megatron indexes the rows by `vp_stage * pp + pp_rank`; with the `stage_rank` offsets of
+    `model/layout.py` that index equals our stage index for every schedule.
+    """
+    sizes = stage_sizes(recipe)
+    rows = []
+    for stage, n in enumerate(sizes):
+        row = ["embedding"] if stage == 0 else []
+        row += ["decoder"] * n
+        if stage == len(sizes) - 1:
+            row += ["mtp"] * recipe.model.mtp_num_layers + ["loss"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,181 @@
+"""`python -m megatron_dualpipe plan RECIPE [--json] [--set k=v ...]`: dry-run a recipe.
+
+Validates the recipe and reports world size, rank layout, parameter counts, memory per GPU and
+the schedule's bubble, without starting processes or allocating the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from megatron_dualpipe.config import validate as V
+from megatron_dualpipe.config.load import apply_overrides, format_validation_error, load_raw
+from megatron_dualpipe.config.schema import Recipe
+from megatron_dualpipe.config.stage_split import check_stage_split
+from megatron_dualpipe.planning import make_plan
+
+B = 1e9
+
+
+def load_plan_recipe(path: str | Path, overrides=()) -> Recipe:
+    """Load and validate like `load_recipe`, accepting `parallel.layers_per_stage`.
+
+    With an explicit split, `check_stage_split` stands in for `validate.check_layers` (whose
+    even-split rule it replaces); otherwise this is exactly `validate_recipe`.
+    """
+    raw = apply_overrides(load_raw(path), overrides)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, str(path))) from None
+    if recipe.parallel.layers_per_stage is None:
+        V.validate_recipe(recipe)
+    else:
+        for check in (V.check_parallel, check_stage_split, V.check_moe, V.check_batch,
+                      V.check_eplb, V.check_fp8):
+            check(recipe)
+    return recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                        help="memory per GPU to check against (default: 80, H100/H800)")
+
+
+def run(args) -> int:
+    recipe = load_plan_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, args.gpu_memory_gb)
+    plan["recipe"] = str(args.recipe)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-dualpipe plan", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        print(f"megatron-dualpipe plan: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------- text output
+
+
+def _b(n: float) -> str:
+    """A count with a unit: 671.03B, 12.5M, 3.2K."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _gb(x: float, width: int) -> str:
+    return f"{x:{width}.1f}" if x >= 0.1 or x == 0 else f"{x:{width}.1e}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _span(pair: list[int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}-{pair[1]}"
+
+
+def _chunk_text(c: dict, mtp: int) -> str:
+    parts = ["embedding"] if c["embedding"] else []
+    if c["layers"]:
+        parts.append(f"L{_span(c['layers'])}")
+    if c["head_and_mtp"]:
+        parts += ([f"MTP x{mtp}"] if mtp else []) + ["head"]
+    return f"s{c['stage']}: " + ("+".join(parts) or "-")
+
+
+def _expert_ranges(e: dict, ep: int) -> str:
+    n = e["per_ep_rank"]
+    shown = [0, 1, ep - 1] if ep > 3 else list(range(ep))
+    items = [f"{r}: {r * n}-{(r + 1) * n - 1}" if n > 1 else f"{r}: {r}" for r in shown]
+    if ep > 3:
+        items.insert(2, "...")
+    return ", ".join(items)
+
+
+def format_plan(plan: dict) -> str:
+    """The human-readable report."""
+    p, prm, mtp = plan["parallel"], plan["params"], plan["params"]["mtp"]
+    mtp_layers = plan["mtp_num_layers"]
+    stages = plan["stages"]
+    copies = " (each held by 2 mirror ranks)" if p["schedule"] == "dualpipe" else ""
+    lines = [f"recipe {plan['name']} ({plan['recipe']}): valid"]
+    lines.append(
+        f"world size {plan['world_size']} = {_plural(plan['num_nodes'], 'node')} x "
+        f"{_plural(plan['gpus_per_node'], 'GPU')}; tp {p['tp']}, pp {p['pp']}, ep {p['ep']} "
+        f"(an EP group spans "
+        f"{plan['experts']['ep_group_nodes']} node(s)), dp {p['dp']}"
+        f"{' (ZeRO-1)' if p['zero1'] else ''}, expert dp {p['expert_dp']}"
+    )
+    lines.append(
+        f"schedule {p['schedule']}: {_plural(stages['count'], 'stage')}{copies}, "
+        f"{plan['num_microbatches']} micro-batches per step; decoder layers per stage "
+        f"{stages['layers_per_stage']}"
+    )
+    lines.append(f"training: {_b(plan['training_tokens'])} tokens")
+    lines.append("parameters (main model = embedding + decoder layers + final norm + output head):")
+    lines.append(
+        f"  total      {_b(prm['total'])}  (embedding {_b(prm['embedding'])}, head "
+        f"{_b(prm['output_head'])}, decoder layers {_b(prm['decoder_layers'])})"
+    )
+    lines.append(
+        f"  activated  {_b(prm['activated'])} per token (output head included, embedding table "
+        f"not; with it {_b(prm['activated_with_embedding'])})"
+    )
+    if mtp:
+        lines.append(
+            f"  MTP        {_b(mtp)} unique (embedding and head shared), "
+            f"{_b(prm['mtp_activated'])} "
+            f"activated; with MTP: {_b(prm['total_with_mtp'])} total, "
+            f"{_b(prm['activated_with_mtp'])} activated"
+        )
+    e = plan["experts"]
+    lines.append(f"experts: {e['physical']} slots, {e['per_ep_rank']} per EP rank "
+                 f"(ep rank: experts) {_expert_ranges(e, p['ep'])}")
+    lines.append("pipeline ranks (every GPU of a pipeline rank holds the same stages; GB = 1e9 B):")
+    lines.append(f"  {'pp':>3} {'ranks':>10} {'nodes':>8}  {'chunks':<44} {'params':>7} "
+                 f"{'weight':>6} {'grad':>6} {'optim':>6} {'fp8':>5} {'act':>6} {'(mb)':>4} "
+                 f"{'total':>6}")
+    for r, m in zip(plan["pipeline_ranks"], plan["memory"]):
+        chunks = " | ".join(_chunk_text(c, mtp_layers) for c in r["chunks"])
+        lines.append(
+            f"  {r['pp_rank']:>3} {_span(r['global_ranks']):>10} {_span(r['nodes']):>8}  "
+            f"{chunks:<44} {_b(m['params']):>7} {_gb(m['weights'], 6)} {_gb(m['grads'], 6)} "
+            f"{_gb(m['optimizer'], 6)} {_gb(m['fp8_weights'], 5)} {_gb(m['activations'], 6)} "
+            f"{m['peak_microbatches']:>4} {_gb(m['total'], 6)}"
+        )
+    worst = max(plan["per_rank_memory_gb"])
+    lines.append(f"  max per GPU: {worst:.3g} GB of {plan['gpu_memory_gb']:g} GB "
+                 "(not counted: CUDA context, NCCL/DeepEP buffers, transient workspaces)")
+    closed = plan["closed_form_bubble"]
+    c = plan["costs"]
+    lines.append(
+        f"bubble (simulator, F={c['f']:g} B={c['b']:g} W={c['w']:g} F&B={c['fb']:g}): "
+        f"{plan['bubble']:g} of makespan {plan['makespan']:g} ({plan['bubble_fraction']:.1%})"
+        + (f"; DeepSeek closed form {closed:g}" if closed is not None else "")
+    )
+    lines.append(f"memory model: {plan['memory_assumptions']} (planning/memory.py)")
+    lines += [f"warning: {w}" for w in plan["warnings"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
