@@ -39,6 +39,19 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
+class TrainHook:
+    """Extension points of the loop (EPLB uses them); every method is optional."""
+
+    def on_setup(self, state: "TrainState") -> None:
+        """Model, optimizer and scheduler exist; checkpoint not yet loaded."""
+
+    def before_optimizer_step(self, state: "TrainState") -> None:
+        """Gradients are final (after Megatron's finalize_model_grads)."""
+
+    def after_step(self, state: "TrainState", record: dict) -> None:
+        """The optimizer stepped; may add keys to the step's metrics `record`."""
+
+
 @dataclass
 class TrainState:
     """Everything the loop owns; returned so tests can inspect it."""
@@ -51,6 +64,7 @@ class TrainState:
     scheduler: object
     step: int = 0
     history: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)
 
 
 def build_scheduler(recipe: Recipe, optimizer):
@@ -72,7 +86,18 @@ def build_scheduler(recipe: Recipe, optimizer):
     )
 
 
-def setup(recipe: Recipe, router_cls=None) -> TrainState:
+def extensions(recipe: Recipe) -> tuple[object, list[TrainHook]]:
+    """The router class and hooks that the recipe's optional features need."""
+    router_cls, hooks = None, []
+    if recipe.eplb.enabled:
+        from megatron_dualpipe.eplb.training import make_extension
+
+        router_cls, hook = make_extension(recipe)
+        hooks.append(hook)
+    return router_cls, hooks
+
+
+def setup(recipe: Recipe) -> TrainState:
     """Process groups, model chunks, optimizer and LR schedule."""
     from megatron.core import tensor_parallel
     from megatron.core.distributed import finalize_model_grads
@@ -88,11 +113,15 @@ def setup(recipe: Recipe, router_cls=None) -> TrainState:
     tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed)
     if recipe.train.deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    router_cls, hooks = extensions(recipe)
     config, model = build_model(recipe, device, router_cls=router_cls)
     optimizer = get_megatron_optimizer(optimizer_config(recipe), model)
     config.finalize_model_grads_func = finalize_model_grads
     scheduler = build_scheduler(recipe, optimizer)
-    return TrainState(recipe, device, config, model, optimizer, scheduler)
+    state = TrainState(recipe, device, config, model, optimizer, scheduler, hooks=hooks)
+    for hook in hooks:
+        hook.on_setup(state)
+    return state
 
 
 def _global_loss(forward_data_store: list, device: torch.device) -> tuple[float, list[float]]:
@@ -132,6 +161,8 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False)
     )
     grad_norm = 0.0
     if not forward_only:
+        for hook in state.hooks:
+            hook.before_optimizer_step(state)
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     if state.device.type == "cuda":
@@ -139,7 +170,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False)
     elapsed = time.perf_counter() - start
     loss, per_microbatch = _global_loss(store, state.device)
     tokens = recipe.train.global_batch_size * recipe.model.seq_length
-    return {
+    record = {
         "step": step,
         "loss": loss,
         "lr": state.optimizer.param_groups[0]["lr"],
@@ -148,6 +179,10 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False)
         "step_time_s": elapsed,
         "microbatch_losses": per_microbatch,
     }
+    if not forward_only:
+        for hook in state.hooks:
+            hook.after_step(state, record)
+    return record
 
 
 def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
