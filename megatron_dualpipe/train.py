@@ -140,7 +140,9 @@ def _global_loss(forward_data_store: list, device: torch.device) -> tuple[float,
 def train_step(state: TrainState, source, step: int, forward_only: bool = False) -> dict:
     """One optimizer step over the global batch; returns the step's record."""
     recipe = state.recipe
-    fb = forward_backward_func(recipe.parallel.schedule)
+    fb = forward_backward_func(recipe.parallel.schedule,
+                               zero_bubble=recipe.parallel.zero_bubble,
+                               overlap=recipe.parallel.overlap_fb and state.device.type == "cuda")
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()

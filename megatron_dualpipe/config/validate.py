@@ -78,7 +78,7 @@ def check_parallel(recipe: Recipe) -> None:
 
 def num_pipeline_stages(recipe: Recipe) -> int:
     p = recipe.parallel
-    if p.schedule in ("dualpipe", "dualpipev"):
+    if p.schedule == "dualpipev":
         return 2 * p.pp
     if p.schedule == "interleaved":
         return p.pp * (p.vpp or 1)

@@ -112,6 +112,11 @@ def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp:
             num_local_experts=num_physical_experts(recipe) // ep,
         )
         chunks.append(chunk)
+    if recipe.parallel.schedule == "dualpipe":
+        # Chunk 1 mirrors a stage that chunk 0 of the mirror rank also holds: count its
+        # gradients once in the gradient norm (Megatron skips `shared` parameters there).
+        for param in chunks[1].parameters():
+            param.shared = True
     if not wrap_ddp:
         return config, chunks
     wrapped = []

@@ -43,6 +43,37 @@ def apply_cpu_patches(force: bool = False) -> bool:
     return True
 
 
+_FEATURE_PATCHES: dict[str, list[Patch]] = {}
+
+
+def _feature(name: str, make) -> list[Patch]:
+    if name not in _FEATURE_PATCHES:
+        _FEATURE_PATCHES[name] = make()
+    for patch in _FEATURE_PATCHES[name]:
+        patch.apply()
+    return _FEATURE_PATCHES[name]
+
+
+def enable_deferred_wgrad() -> None:
+    """Megatron linears defer their weight GEMM inside a DualPipe zero-bubble B (CPU and GPU)."""
+    from megatron_dualpipe.patches import deferred_wgrad_linear
+
+    _feature("deferred_wgrad_linear", lambda: [deferred_wgrad_linear.make_patch()])
+
+
+def enable_schedule_selection() -> None:
+    """Megatron's get_forward_backward_func() answers with the selected DualPipe schedule."""
+    from megatron_dualpipe.patches import forward_backward_func
+
+    _feature("forward_backward_func", forward_backward_func.make_patches)
+
+
+def revert_feature_patches() -> None:
+    for patches in _FEATURE_PATCHES.values():
+        for patch in reversed(patches):
+            patch.revert()
+
+
 def revert_cpu_patches() -> None:
     for patch in reversed(cpu_patches()):
         patch.revert()

@@ -1,0 +1,1 @@
+"""Pipeline schedules: DualPipe and DualPipeV for Megatron-Core, plus their simulator."""
