@@ -100,6 +100,7 @@ class MicrobatchSource:
             "position_ids": torch.arange(seq_length, device=self.device).expand(
                 self.micro_batch_size, seq_length
             ),
+            "microbatch": (self.dp_rank, microbatch),
         }
 
     def iterator(self, step: int, microbatches=None):

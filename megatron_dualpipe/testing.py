@@ -9,8 +9,11 @@ re-raised here with that process's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import traceback
+
+import torch
 
 import torch.multiprocessing as mp
 
@@ -23,7 +26,10 @@ def _worker(rank, world_size, port, fn, args, queue):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # Serialized to bytes: tensors in the result must outlive this process.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -45,7 +51,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 600.
         for _ in range(world_size):
             rank, status, value = queue.get()
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break

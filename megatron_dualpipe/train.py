@@ -65,6 +65,7 @@ class TrainState:
     step: int = 0
     history: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
+    inspect_grads: object = None  # tests: called with the state when gradients are final
 
 
 def build_scheduler(recipe: Recipe, optimizer):
@@ -137,7 +138,8 @@ def _global_loss(forward_data_store: list, device: torch.device) -> tuple[float,
     return float(pair[0] / pair[1]), per_microbatch
 
 
-def train_step(state: TrainState, source, step: int, forward_only: bool = False) -> dict:
+def train_step(state: TrainState, source, step: int, forward_only: bool = False,
+               forward_step_func=forward_step) -> dict:
     """One optimizer step over the global batch; returns the step's record."""
     recipe = state.recipe
     fb = forward_backward_func(recipe.parallel.schedule,
@@ -153,7 +155,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False)
     )
     start = time.perf_counter()
     store = fb(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=state.model,
         num_microbatches=source.num_microbatches,
@@ -165,6 +167,8 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False)
     if not forward_only:
         for hook in state.hooks:
             hook.before_optimizer_step(state)
+        if state.inspect_grads is not None:
+            state.inspect_grads(state)
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     if state.device.type == "cuda":

@@ -91,16 +91,36 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
             rotary_base=m.rotary_base,
         )
     if f.recipe != "none":
-        kw.update(
-            fp8=f.format,
-            fp8_recipe=f.recipe,
-            fp8_param=f.param_gather,
-            first_last_layers_bf16=bool(f.bf16_layers_at_start or f.bf16_layers_at_end),
-            num_layers_at_start_in_bf16=f.bf16_layers_at_start,
-            num_layers_at_end_in_bf16=f.bf16_layers_at_end,
-            moe_router_padding_for_fp8=f.recipe in ("blockwise", "mxfp8"),
-        )
+        kw.update(_fp8_kwargs(recipe, kw, num_moe_layers))
     return kw
+
+
+# --- fp8-specific mapping (megatron_dualpipe/fp8, docs/fp8.md) -------------------------------
+# Megatron-Core names the per-tensor current-scaling recipe "tensorwise".
+MEGATRON_FP8_RECIPE = {"delayed": "delayed", "current": "tensorwise", "blockwise": "blockwise",
+                       "mxfp8": "mxfp8"}
+
+
+def _fp8_kwargs(recipe: Recipe, kw: dict[str, Any], num_moe_layers: int) -> dict[str, Any]:
+    """TransformerConfig fields for `recipe.fp8` (only called when fp8.recipe != none)."""
+    f, moe = recipe.fp8, recipe.moe
+    swiglu = kw.get("gated_linear_unit") and kw.get("activation_func") is torch.nn.functional.silu
+    return dict(
+        fp8=f.format,
+        fp8_recipe=MEGATRON_FP8_RECIPE[f.recipe],
+        fp8_param=f.param_gather,
+        first_last_layers_bf16=bool(f.bf16_layers_at_start or f.bf16_layers_at_end),
+        num_layers_at_start_in_bf16=f.bf16_layers_at_start,
+        num_layers_at_end_in_bf16=f.bf16_layers_at_end,
+        # Pad each expert's routed token count to TE's FP8 alignment (16; 32 for MXFP8) in the
+        # router, so the FP8 grouped GEMM needs no padding copy. Megatron allows it for the
+        # alltoall/flex dispatchers; with allgather the experts pad their input themselves.
+        # (The non-deprecated name of moe_router_padding_for_fp8.)
+        moe_router_padding_for_quantization=bool(num_moe_layers)
+        and moe.token_dispatcher != "allgather",
+        # Megatron supports the FP8 SwiGLU input store only for SwiGLU (gated silu).
+        activation_func_fp8_input_store=bool(f.activation_input_store and swiglu),
+    )
 
 
 def transformer_config(recipe: Recipe, device: torch.device):

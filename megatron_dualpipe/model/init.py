@@ -31,8 +31,23 @@ def global_param_name(chunk, local_name: str, ep_rank: int, num_local_experts: i
         match = pattern.match(name)
         if match:
             expert = ep_rank * num_local_experts + int(match.group(2))
+            expert = _logical_expert(chunk, local_name, expert)  # EPLB replicas
             name = f"{match.group(1)}{expert}{match.group(3) if pattern is _LOCAL_EXPERT else ''}"
     return name
+
+
+# --- EPLB (megatron_dualpipe/eplb): a replica slot starts as a copy of its logical expert ---
+def _logical_expert(chunk, local_name: str, slot: int) -> int:
+    """The logical expert that physical slot `slot` holds, read from the layer's router
+    (`eplb_phy2log`, set by `EPLBRouter`); `slot` itself for any other router."""
+    mlp_path = local_name.removeprefix("module.").split(".experts.")[0]
+    try:
+        router = chunk.get_submodule(mlp_path).router
+    except AttributeError:
+        return slot
+    phy2log = getattr(router, "eplb_phy2log", None)
+    return slot if phy2log is None else int(phy2log[slot])
+# --- end EPLB ---
 
 
 def _full_shape(param: torch.Tensor, tp: int) -> tuple[list[int], int | None]:

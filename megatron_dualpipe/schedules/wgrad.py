@@ -21,7 +21,7 @@ class WeightGradStore:
     """Process-wide switch and queue, like DeepSeek's WeightGradStore."""
 
     _collecting: list[Callable[[], None]] | None = None
-    _te_modules: list = []
+    num_deferred = 0  # weight GEMMs deferred so far in this process (for tests and logs)
 
     @classmethod
     def deferring(cls) -> bool:
@@ -30,6 +30,7 @@ class WeightGradStore:
     @classmethod
     def put(cls, func: Callable[[], None]) -> None:
         cls._collecting.append(func)
+        cls.num_deferred += 1
 
     @classmethod
     @contextlib.contextmanager

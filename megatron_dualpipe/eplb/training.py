@@ -1,0 +1,188 @@
+"""Training-time EPLB: the router class and the `TrainHook` that the training loop installs.
+
+``make_extension(recipe)`` returns ``(router_cls, hook)``; `train.py` builds the MoE layers
+with ``router_cls`` (physical slots = logical experts + ``eplb.num_redundant_experts``) and
+calls the hook:
+
+* ``on_setup``: finds the EPLB layers, counts each logical expert once in the gradient norm,
+  and wraps ``config.finalize_model_grads_func`` so replica gradients are summed alongside
+  Megatron's DP/EP gradient reduction.
+* ``after_step``: reduces this step's expert loads, updates the planning window, adds the
+  balance metrics to the step record and, every ``eplb.interval`` steps, replans and moves
+  experts (`rebalance.py`).
+
+See ``docs/eplb_training.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_dualpipe.eplb.load_tracker import LoadWindow, balance_stats, step_counts
+from megatron_dualpipe.eplb.rebalance import MoveStats, RebalanceError, move_experts, plan
+from megatron_dualpipe.eplb.replicas import (
+    OptimizerAccess,
+    find_layers,
+    mark_duplicates,
+    sum_replica_grads,
+)
+from megatron_dualpipe.eplb.router import make_router_class
+from megatron_dualpipe.train import TrainHook
+
+
+def make_extension(recipe):
+    """``(router_cls, hook)`` for a recipe with ``eplb.enabled``."""
+    router_cls = make_router_class(recipe.moe.num_experts, recipe.moe.router_bias_init)
+    return router_cls, EPLBHook(recipe)
+
+
+def planner_topology(recipe) -> tuple[int, int]:
+    """``(num_groups, num_nodes)`` for the planner: the routing groups (1 without group-limited
+    routing) and the nodes one EP group spans (its ranks are ``tp`` apart, contiguous)."""
+    from megatron_dualpipe.config import world_size
+
+    p = recipe.parallel
+    num_groups = recipe.moe.num_groups or 1
+    if recipe.moe.num_experts % num_groups:
+        num_groups = 1
+    per_node = p.nproc_per_node or max(1, world_size(recipe) // p.num_nodes)
+    span = p.ep * p.tp
+    num_nodes = span // per_node if span > per_node and span % per_node == 0 else 1
+    if p.ep % num_nodes:
+        num_nodes = 1
+    return num_groups, num_nodes
+
+
+class EPLBHook(TrainHook):
+    """Replica gradients, load tracking, metrics and live rebalancing (one per process)."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.layers = []
+        self.access = None
+        self.window = None
+        self.num_ids = recipe.model.num_layers + recipe.model.mtp_num_layers + 1
+        self.last_move: MoveStats | None = None
+
+    # -- TrainHook ------------------------------------------------------------------------
+    def on_setup(self, state) -> None:
+        from megatron.core import parallel_state
+
+        self.layers = find_layers(state.model)
+        self.access = OptimizerAccess(state.optimizer)
+        e = self.recipe.eplb
+        self.window = LoadWindow(len(self.layers), self.recipe.moe.num_experts, e.window,
+                                 e.window_kind)
+        overlap = self.recipe.parallel.overlap_grad_reduce
+        if overlap and parallel_state.get_expert_data_parallel_world_size() > 1:
+            raise ValueError("eplb with parallel.overlap_grad_reduce needs expert-data-parallel "
+                             "size 1 (replica gradients are summed after the reduction)")
+        mark_duplicates(self.layers, self.access)
+        self._wrap_finalize(state.config, overlap)
+        for layer in self.layers:
+            layer.router.take_counts()
+
+    def after_step(self, state, record: dict) -> None:
+        experts, slots = step_counts(self.layers)
+        if self.layers:
+            self.window.update(experts)
+        ep = self.recipe.parallel.ep
+        bal, over = balance_stats(slots, ep) if self.layers else (torch.zeros(0),) * 2
+        per_layer_bal, per_layer_over = self._gather_per_layer(bal, over)
+        record["eplb_balancedness"] = sum(per_layer_bal) / max(1, len(per_layer_bal))
+        record["eplb_balancedness_per_layer"] = per_layer_bal
+        record["eplb_max_over_mean"] = max(per_layer_over, default=1.0)
+        record["eplb_replanned"] = 0
+        if (record["step"] + 1) % self.recipe.eplb.interval == 0:
+            stats = self.rebalance(state)
+            if stats is not None:
+                record.update(self._move_record(stats))
+
+    # -- rebalance ------------------------------------------------------------------------
+    def rebalance(self, state=None, *, force: bool = False, fault=None) -> MoveStats | None:
+        """Replan from the load window and move experts (collective over all ranks).
+
+        Returns the move statistics, or None when the move failed (the old placement stays).
+        """
+        e = self.recipe.eplb
+        new = torch.zeros(0, 0, dtype=torch.long)
+        self.last_plan = None
+        if self.layers:
+            num_groups, num_nodes = planner_topology(self.recipe)
+            self.last_plan = plan(
+                self.layers, self.window.estimate(), num_groups=num_groups, num_nodes=num_nodes,
+                policy=e.policy, migration_aware=e.migration_aware, min_gain=e.min_gain,
+                force=force)
+            new = self.last_plan.new
+        try:
+            stats = move_experts(self.layers, self.access, new, fault=fault)
+        except RebalanceError as err:
+            if dist.get_rank() == 0:
+                print(f"[eplb] {err}", file=sys.stderr, flush=True)
+            return None
+        self.last_move = stats
+        return stats
+
+    def placement(self) -> dict[int, torch.Tensor]:
+        """``{layer_id: phy2log}`` of this rank's EPLB layers."""
+        return {layer.layer_id: layer.phy2log.clone() for layer in self.layers}
+
+    # -- internals ------------------------------------------------------------------------
+    def _wrap_finalize(self, config, overlap: bool) -> None:
+        inner = config.finalize_model_grads_func
+        layers = self.layers
+
+        def finalize_with_replicas(*args, **kwargs):
+            # Summing before the DP reduce-scatter/all-reduce is exact for any expert-DP size
+            # (both are sums); with overlapped reduction the buffers are already in flight.
+            if not overlap:
+                sum_replica_grads(layers)
+            out = inner(*args, **kwargs) if inner is not None else None
+            if overlap:
+                sum_replica_grads(layers)
+            return out
+
+        config.finalize_model_grads_func = finalize_with_replicas
+
+    def _gather_per_layer(self, bal, over) -> tuple[list[float], list[float]]:
+        """Per-layer values of every pipeline stage, in layer order, on every rank."""
+        buf = torch.zeros(3, self.num_ids, dtype=torch.float64)
+        for layer, b, o in zip(self.layers, bal.tolist(), over.tolist()):
+            buf[:, layer.layer_id] += torch.tensor([b, o, 1.0], dtype=torch.float64)
+        buf = _all_reduce_cpu(buf)
+        present = buf[2] > 0
+        values = buf[:2, present] / buf[2, present]
+        return values[0].tolist(), values[1].tolist()
+
+    def _move_record(self, stats: MoveStats) -> dict:
+        changed = torch.zeros(self.num_ids + 2, dtype=torch.float64)
+        for layer_id in stats.layers:
+            changed[layer_id] = 1.0
+        changed[-1] = stats.bytes_received
+        changed = _all_reduce_cpu(changed, op=dist.ReduceOp.MAX)
+        seconds = _all_reduce_cpu(torch.tensor([stats.seconds], dtype=torch.float64),
+                                  op=dist.ReduceOp.MAX)
+        out = {
+            "eplb_replanned": int(changed[:-2].sum()),
+            "eplb_move_ms": float(seconds[0]) * 1e3,
+            "eplb_move_bytes_max_rank": int(changed[-1]),
+        }
+        if self.last_plan is not None and dist.get_rank() == 0:
+            out["eplb_planned_balancedness_before"] = float(
+                self.last_plan.balancedness_before.mean())
+            out["eplb_planned_balancedness_after"] = float(
+                self.last_plan.balancedness_after.mean())
+        return out
+
+
+def _all_reduce_cpu(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor over the world (through the GPU under NCCL)."""
+    if dist.get_backend() == "nccl":
+        dev = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(dev, op=op)
+        return dev.cpu()
+    dist.all_reduce(t, op=op)
+    return t
