@@ -200,8 +200,10 @@ def check_fp8(recipe: Recipe) -> None:
 
 def validate_recipe(recipe: Recipe) -> None:
     """All cross-field rules, in the order a user would fix them."""
+    from megatron_dualpipe.config.stage_split import check_stage_split
+
     check_parallel(recipe)
-    check_layers(recipe)
+    check_stage_split(recipe)
     check_moe(recipe)
     check_batch(recipe)
     check_eplb(recipe)

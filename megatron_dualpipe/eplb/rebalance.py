@@ -106,7 +106,7 @@ def _moves(layers: list[ExpertLayer], new: torch.Tensor) -> list[_Move]:
     return moves
 
 
-def _payload(layer: ExpertLayer, access: OptimizerAccess, j: int) -> list[torch.Tensor]:
+def slot_payload(layer: ExpertLayer, access: OptimizerAccess, j: int) -> list[torch.Tensor]:
     """Weights, then per weight its optimizer tensors (sorted keys), of local slot ``j``."""
     out = [param.data.reshape(-1) for _, param in layer.params[j]]
     for _, param in layer.params[j]:
@@ -182,14 +182,14 @@ def _transfer(layers, access, moves) -> tuple[list, int]:
         dst_rank, src_rank = move.dst // spr, move.src // spr
         me = layer.ep_rank
         if src_rank == me and dst_rank == me:
-            payload = _payload(layer, access, layer.local_slot(move.src))
+            payload = slot_payload(layer, access, layer.local_slot(move.src))
             staged.append((move.layer, layer.local_slot(move.dst), [t.clone() for t in payload]))
         elif src_rank == me:
-            sends.setdefault(dst_rank, []).append((layer, _payload(layer, access,
+            sends.setdefault(dst_rank, []).append((layer, slot_payload(layer, access,
                                                                    layer.local_slot(move.src))))
         elif dst_rank == me:
             j = layer.local_slot(move.dst)
-            like = _payload(layer, access, j)
+            like = slot_payload(layer, access, j)
             temps = [torch.empty_like(t) for t in like]
             staged.append((move.layer, j, temps))
             recvs.setdefault(src_rank, []).append((layer, temps))

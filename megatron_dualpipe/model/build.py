@@ -92,6 +92,11 @@ def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel
 
+    if recipe.parallel.layers_per_stage is not None:
+        raise ValueError(
+            "parallel.layers_per_stage (an uneven layer split) is validated and used by `plan`, "
+            "but the model builder supports even splits only; remove it to train"
+        )
     config = transformer_config(recipe, device)
     use_te = use_transformer_engine(recipe, device)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
