@@ -31,18 +31,19 @@ class SyntheticTokens:
         self.seq_length = seq_length
         self.seed = seed
         self.successor = _permutation(vocab_size, seed)
+        self._successor_list = self.successor.tolist()
 
     def sample(self, index: int) -> torch.Tensor:
         """Token ids [seq_length + 1] of sample `index`."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         n = self.seq_length + 1
-        noise = torch.rand(n, generator=g) < self.noise
-        random_tokens = torch.randint(0, self.vocab_size, (n,), generator=g)
-        tokens = torch.empty(n, dtype=torch.long)
-        tokens[0] = random_tokens[0]
+        noise = (torch.rand(n, generator=g) < self.noise).tolist()
+        random_tokens = torch.randint(0, self.vocab_size, (n,), generator=g).tolist()
+        successor = self._successor_list
+        tokens = [random_tokens[0]]
         for t in range(1, n):
-            tokens[t] = random_tokens[t] if noise[t] else self.successor[tokens[t - 1]]
-        return tokens
+            tokens.append(random_tokens[t] if noise[t] else successor[tokens[-1]])
+        return torch.tensor(tokens, dtype=torch.long)
 
 
 class IndexedTokens:
