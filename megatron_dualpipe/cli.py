@@ -1,4 +1,4 @@
-"""`python -m megatron_dualpipe {train,simulate,plan,eplb}`."""
+"""`python -m megatron_dualpipe {train,simulate,plan,eplb,trace}`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def _add_train(sub) -> None:
                    help="override a recipe field, e.g. --set parallel.pp=2 (repeatable)")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes to start on this machine (default: from the recipe)")
+    p.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="write PyTorch profiler Chrome traces of steps A..B-1 to "
+                   "<log_dir>/traces/rank<r>.json (analyze: python -m megatron_dualpipe trace)")
 
 
 def _run_train(args) -> int:
@@ -24,6 +27,11 @@ def _run_train(args) -> int:
     overrides = list(args.overrides)
     if args.nproc_per_node:
         overrides.append(f"parallel.nproc_per_node={args.nproc_per_node}")
+    if args.profile_steps:  # [overlap] quoted: YAML would read 2:4 as a base-60 number
+        from megatron_dualpipe.profiling import parse_steps
+
+        first, end = parse_steps(args.profile_steps)
+        overrides.append(f"train.profile_steps='{first}:{end}'")
     recipe = load_recipe(args.recipe, overrides)
     launch.adopt_slurm_env()
     if not launch.in_launched_job():
@@ -59,6 +67,8 @@ _OPTIONAL = {
     "simulate": ("megatron_dualpipe.schedules.simulate_cli", "simulate a pipeline schedule"),
     "eplb": ("megatron_dualpipe.eplb.cli", "expert-parallel load balancing tools"),
     "plan": ("megatron_dualpipe.plan", "dry-run a recipe: layout, parameters, memory"),
+    "trace": ("megatron_dualpipe.trace_analysis",
+              "all-to-all time and its overlap with compute, from a profiler trace"),
 }
 
 

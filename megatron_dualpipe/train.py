@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,6 +16,7 @@ from megatron_dualpipe.data import make_source
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
 from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
+from megatron_dualpipe.profiling import StepProfiler
 from megatron_dualpipe.schedules.registry import forward_backward_func
 
 
@@ -27,8 +29,19 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """Megatron forward step; with `return_schedule_plan` (overlapped F&B chunks, see
+    schedules/overlap.py) the model's schedule plan instead of its output."""
     batch = next(data_iterator)
+    if return_schedule_plan:  # [overlap]
+        plan = model.build_schedule_plan(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return plan, partial(loss_func, batch["loss_mask"])
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -106,7 +119,11 @@ def setup(recipe: Recipe) -> TrainState:
 
     from megatron_dualpipe.patches import apply_cpu_patches
 
+    from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
+
     device = resolve_device(recipe)
+    check_fp8_environment(recipe, device)
+    os.environ.update(fp8_environment_variables(recipe))
     if device.type == "cpu":
         apply_cpu_patches()
     init_distributed(recipe, device)
@@ -212,8 +229,11 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
             flush=True,
         )
     last = recipe.train.steps if stop_after is None else min(recipe.train.steps, stop_after)
+    # [overlap] profiler window (train.profile_steps / --profile-steps), see profiling.py
+    profiler = StepProfiler(recipe.train.profile_steps, recipe.train.log_dir, rank, state.device)
     while state.step < last:
-        record = train_step(state, source, state.step)
+        with profiler.step(state.step):
+            record = train_step(state, source, state.step)
         record.pop("microbatch_losses")
         state.history.append(record)
         logger.log(record)
@@ -223,6 +243,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
             (interval and state.step % interval == 0) or state.step == recipe.train.steps
         ):
             checkpoint.save(state, recipe.train.ckpt_dir)
+    profiler.close()
     return state
 
 

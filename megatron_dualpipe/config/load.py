@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import copy
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -24,6 +25,8 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"recipe file not found: {path}") from None
+    except OSError as err:
+        raise ValueError(f"recipe {path}: cannot read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: invalid YAML: {err}") from None
     if data is None:
@@ -44,11 +47,26 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_raw(path: str | Path, _depth: int = 0) -> dict:
-    """Read a recipe and everything it includes (paths relative to the including file)."""
+def load_raw(path: str | Path, _depth: int = 0, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe and everything it includes (paths relative to the including file).
+
+    Included files merge in order, then the including file's own keys override them. A file
+    that includes itself (directly or through others) or nests deeper than
+    `MAX_INCLUDE_DEPTH` is an error.
+    """
     path = Path(path)
-    if _depth > MAX_INCLUDE_DEPTH:
-        raise ValueError(f"recipe {path}: include: nested deeper than {MAX_INCLUDE_DEPTH}")
+    if _chain:
+        parent = _chain[-1]
+        if path.resolve() in {p.resolve() for p in _chain}:
+            cycle = " -> ".join(str(p) for p in (*_chain, path))
+            raise ValueError(f"recipe {parent}: include: cycle: {cycle}")
+        if _depth > MAX_INCLUDE_DEPTH:
+            raise ValueError(
+                f"recipe {parent}: include: nested deeper than {MAX_INCLUDE_DEPTH} levels "
+                f"(at {path})"
+            )
+        if not path.is_file():
+            raise ValueError(f"recipe {parent}: include: file not found: {path}")
     data = _read_yaml(path)
     includes = data.pop("include", None)
     if includes is None:
@@ -59,7 +77,7 @@ def load_raw(path: str | Path, _depth: int = 0) -> dict:
         raise ValueError(f"recipe {path}: include: must be a path or a list of paths")
     merged: dict = {}
     for include in includes:
-        merged = deep_merge(merged, load_raw(path.parent / include, _depth + 1))
+        merged = deep_merge(merged, load_raw(path.parent / include, _depth + 1, (*_chain, path)))
     return deep_merge(merged, data)
 
 
@@ -137,6 +155,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
                 msg += f" (got {e['input']!r})"
         allowed = _allowed_values(Recipe, loc)
         lines.append(f"{path}: {msg}" + (f"; {allowed}" if allowed else ""))
+    if len(lines) == 1:
+        return f"invalid recipe {source}: {lines[0]}"
     return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
 
 

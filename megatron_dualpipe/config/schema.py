@@ -180,6 +180,12 @@ class TrainConfig(Section):
         description="[start, end, ramp_samples]: global batch grows linearly from start to end "
         "(= global_batch_size) over ramp_samples samples (Megatron rampup_batch_size)",
     )
+    profile_steps: Optional[str] = Field(  # [overlap] profiler window, see profiling.py
+        None,
+        pattern=r"^\s*\d+\s*:\s*\d+\s*$",
+        description='"a:b": PyTorch profiler Chrome traces of steps a..b-1 in '
+        "<log_dir>/traces/rank<r>.json (quote it in YAML: \"2:4\")",
+    )
 
 
 class Recipe(Section):

@@ -40,6 +40,7 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         layernorm_epsilon=m.norm_epsilon,
         normalization="RMSNorm",
         gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,  # SwiGLU, as DeepSeek-V3
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -105,22 +106,22 @@ def _fp8_kwargs(recipe: Recipe, kw: dict[str, Any], num_moe_layers: int) -> dict
     """TransformerConfig fields for `recipe.fp8` (only called when fp8.recipe != none)."""
     f, moe = recipe.fp8, recipe.moe
     swiglu = kw.get("gated_linear_unit") and kw.get("activation_func") is torch.nn.functional.silu
-    return dict(
-        fp8=f.format,
-        fp8_recipe=MEGATRON_FP8_RECIPE[f.recipe],
-        fp8_param=f.param_gather,
-        first_last_layers_bf16=bool(f.bf16_layers_at_start or f.bf16_layers_at_end),
-        num_layers_at_start_in_bf16=f.bf16_layers_at_start,
-        num_layers_at_end_in_bf16=f.bf16_layers_at_end,
+    return {
+        "fp8": f.format,
+        "fp8_recipe": MEGATRON_FP8_RECIPE[f.recipe],
+        "fp8_param": f.param_gather,
+        "first_last_layers_bf16": bool(f.bf16_layers_at_start or f.bf16_layers_at_end),
+        "num_layers_at_start_in_bf16": f.bf16_layers_at_start,
+        "num_layers_at_end_in_bf16": f.bf16_layers_at_end,
         # Pad each expert's routed token count to TE's FP8 alignment (16; 32 for MXFP8) in the
         # router, so the FP8 grouped GEMM needs no padding copy. Megatron allows it for the
         # alltoall/flex dispatchers; with allgather the experts pad their input themselves.
         # (The non-deprecated name of moe_router_padding_for_fp8.)
-        moe_router_padding_for_quantization=bool(num_moe_layers)
+        "moe_router_padding_for_quantization": bool(num_moe_layers)
         and moe.token_dispatcher != "allgather",
         # Megatron supports the FP8 SwiGLU input store only for SwiGLU (gated silu).
-        activation_func_fp8_input_store=bool(f.activation_input_store and swiglu),
-    )
+        "activation_func_fp8_input_store": bool(f.activation_input_store and swiglu),
+    }
 
 
 def transformer_config(recipe: Recipe, device: torch.device):

@@ -50,9 +50,13 @@ def check_parallel(recipe: Recipe) -> None:
     p = recipe.parallel
     world = world_size(recipe)
     if world % (p.tp * p.pp):
+        per_node = world // p.num_nodes
+        valid = [n for n in range(1, 2 * per_node + p.tp * p.pp + 1)
+                 if (p.num_nodes * n) % (p.tp * p.pp) == 0]
         raise ValueError(
             f"parallel: world size {world} (parallel.num_nodes x parallel.nproc_per_node) is not "
-            f"divisible by parallel.tp x parallel.pp = {p.tp * p.pp}"
+            f"divisible by parallel.tp x parallel.pp = {p.tp * p.pp}; nearest valid "
+            f"parallel.nproc_per_node: {_nearest(valid, per_node)}"
         )
     if (world // p.pp) % p.ep:
         raise ValueError(
@@ -149,7 +153,9 @@ def check_batch(recipe: Recipe) -> None:
     if t.global_batch_size % unit:
         raise ValueError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}"
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}; "
+            f"nearest valid train.global_batch_size: "
+            f"{_nearest(list(range(unit, t.global_batch_size + 2 * unit, unit)), t.global_batch_size)}"
         )
     p = recipe.parallel
     if p.schedule in ("dualpipe", "dualpipev"):
@@ -196,6 +202,9 @@ def check_fp8(recipe: Recipe) -> None:
                     f"{name}={dim} must be a multiple of 128 for fp8.recipe={f.recipe} "
                     "(128x128 weight blocks)"
                 )
+    from megatron_dualpipe.fp8.env_check import check_fp8_recipe
+
+    check_fp8_recipe(recipe)
 
 
 def validate_recipe(recipe: Recipe) -> None:

@@ -159,7 +159,9 @@ def move_experts(layers: list[ExpertLayer], access: OptimizerAccess, new: torch.
         error = err
     if not _agree(error is None, device):
         staged.clear()
-        raise RebalanceError(f"expert move aborted, placement unchanged: {error!r}") from error
+        where = f"here: {error!r}" if error is not None else "on another rank"
+        raise RebalanceError(f"expert move aborted, placement unchanged (failed {where})") \
+            from error
     with torch.no_grad():
         for li, j, tensors in staged:
             _commit_slot(layers[li], access, j, tensors)

@@ -150,15 +150,21 @@ class EPLBHook(TrainHook):
                 record.update(self._move_record(stats))
 
     # -- rebalance ------------------------------------------------------------------------
-    def rebalance(self, state=None, *, force: bool = False, fault=None) -> MoveStats | None:
+    def rebalance(self, state=None, *, force: bool = False, placement: dict | None = None,
+                  fault=None) -> MoveStats | None:
         """Replan from the load window and move experts (collective over all ranks).
 
-        Returns the move statistics, or None when the move failed (the old placement stays).
+        ``force`` ignores ``eplb.min_gain``; ``placement`` (``{layer_id: phy2log}``, every local
+        layer) skips the planner. Returns the move statistics, or None when the move failed
+        (the old placement stays).
         """
         e = self.recipe.eplb
         new = torch.zeros(0, 0, dtype=torch.long)
         self.last_plan = None
-        if self.layers:
+        if placement is not None and self.layers:
+            new = torch.stack([torch.as_tensor(placement[layer.layer_id], dtype=torch.long)
+                               for layer in self.layers])
+        elif self.layers:
             num_groups, num_nodes = planner_topology(self.recipe)
             self.last_plan = plan(
                 self.layers, self.window.estimate(), num_groups=num_groups, num_nodes=num_nodes,
@@ -168,8 +174,8 @@ class EPLBHook(TrainHook):
         try:
             stats = move_experts(self.layers, self.access, new, fault=fault)
         except RebalanceError as err:
-            if dist.get_rank() == 0:
-                print(f"[eplb] {err}", file=sys.stderr, flush=True)
+            if err.__cause__ is not None or dist.get_rank() == 0:
+                print(f"[eplb] rank {dist.get_rank()}: {err}", file=sys.stderr, flush=True)
             return None
         self.last_move = stats
         return stats

@@ -115,13 +115,14 @@ def _arch_name(capability: tuple[int, int]) -> str:
     return _ARCH.get(capability[0], f"sm_{capability[0]}{capability[1]}")
 
 
-def _raise(problems: list[str], recipe_name: str) -> None:
+def _raise(problems: list[str], header: str) -> None:
+    """One ValueError: the problem itself, or `header` and one `  - ` line per problem."""
     if not problems:
         return
     if len(problems) == 1:
         raise ValueError(problems[0])
     lines = "\n  - ".join(problems)
-    raise ValueError(f"fp8.recipe={recipe_name} cannot run here:\n  - {lines}")
+    raise ValueError(f"{header}:\n  - {lines}")
 
 
 def _needs_fp8_recompute_te(recipe: Recipe) -> bool:
@@ -193,7 +194,7 @@ def check_fp8_recipe(recipe: Recipe) -> None:
         problems.append(
             f"model.seq_length x train.micro_batch_size = {tokens} tokens per micro-batch must "
             f"be a multiple of {FP8_DIM_MULTIPLE} for FP8 GEMMs")
-    _raise(problems, f.recipe)
+    _raise(problems, f"fp8.recipe={f.recipe}: the recipe breaks {len(problems)} FP8 rules")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def check_fp8_environment(
     """
     problems = fp8_environment_problems(
         recipe, device, te_version=te_version, capability=capability, cuda_version=cuda_version)
-    _raise(problems, recipe.fp8.recipe)
+    _raise(problems, f"fp8.recipe={recipe.fp8.recipe} cannot run here")
 
 
 def fp8_environment_variables(recipe: Recipe) -> dict[str, str]:

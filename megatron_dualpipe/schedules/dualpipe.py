@@ -9,8 +9,10 @@ simulator uses), on its two model chunks (`model/layout.py`):
 - B: receive the output gradient, run Megatron's `backward_step`; with `split_wgrad` the weight
   GEMMs are queued (zero bubble) instead of computed; send the input gradient back.
 - W: run the oldest queued weight gradients.
-- FB: an F and a B of different chunks. On CPU they run one after the other (same numerics);
-  the overlapped GPU execution lives in `overlap.py`.
+- FB: an F and a B of different chunks. Without `overlap` they run one after the other. With
+  `overlap` every F, B and FB of a training step runs through Megatron-Core's schedule plans
+  (`overlap.py`): an FB interleaves the forward of one chunk with the backward of the other,
+  layer by layer, all-to-alls on the communication stream (sequential on CPU, same numerics).
 
 After the last action: wait for sends, sum DualPipe's mirror copies, call
 `config.finalize_model_grads_func` like Megatron's own schedules.
@@ -51,7 +53,7 @@ class _Executor:
     """State of one forward-backward call on one pipeline rank."""
 
     def __init__(self, schedule, forward_step_func, batches, model, num_microbatches, config,
-                 links, pp_ranks, forward_only, collect_non_loss_data):
+                 links, pp_ranks, forward_only, collect_non_loss_data, overlap=False):
         from megatron.core.pipeline_parallel import schedules as mcore
 
         self.mcore = mcore
@@ -73,6 +75,12 @@ class _Executor:
         self.wgrads = WeightGradQueue()
         self.forward_data_store: list = []
         self.total_num_tokens = torch.zeros([], dtype=torch.int, device=links.device)
+        # [overlap] F/B/FB through schedule plans (schedules/overlap.py)
+        self.fused = None
+        if overlap and not forward_only:
+            from megatron_dualpipe.schedules.overlap import FusedChunks
+
+            self.fused = FusedChunks(self)
 
     # -- transport ---------------------------------------------------------------------
     def _peer(self, chunk: int, direction: str):
@@ -148,6 +156,9 @@ class _Executor:
             if action.kind == "W":
                 self.wgrads.pop_and_run()
                 continue
+            if self.fused is not None:  # [overlap]
+                self.fused.run(action)
+                continue
             for part in action.parts():
                 if part.kind == "F":
                     self.forward(part.chunk, part.microbatch)
@@ -220,7 +231,8 @@ def _forward_backward(
     )
     batches = _microbatches(data_iterator, 2, num_microbatches)
     executor = _Executor(schedule, forward_step_func, batches, model, num_microbatches, config,
-                         links, pp_ranks, forward_only, collect_non_loss_data)
+                         links, pp_ranks, forward_only, collect_non_loss_data,
+                         overlap=overlap)  # [overlap]
     if forward_only:
         with torch.no_grad():
             executor.run_forward_only()
