@@ -5,12 +5,14 @@ steps on an 8-layer tiny MoE GPTModel. The reference is PP=1 with the same EP an
 data-parallel size, so every rank sees the same micro-batches.
 
 With the same weights the schedules compute exactly what the unpipelined model computes, so
-the forward-only step and the first training step are bit-identical per micro-batch. DualPipeV
-stays bit-identical over all steps with Adam. DualPipe does not after an update: its mirror
-copies' gradients are summed in another order than the reference accumulates them, a
-round-off difference that Adam turns into O(lr) update differences for near-zero gradient
-components (it normalizes magnitudes away); so DualPipe trains with SGD here and later steps
-are compared at 1e-5 relative.
+the forward-only step and the first training step are bit-identical per micro-batch, and the
+first step's gradients agree to round-off. After updates, round-off differences in gradient
+accumulation order (DualPipe's mirror copies are summed in another order than the reference
+accumulates them; with EP the expert gradients too) grow, so later steps are compared at 1e-5
+relative. Adam turns round-off in near-zero gradient components into O(lr) update
+differences (it normalizes magnitudes away), which exceeds 1e-5 for DualPipe's mirror sums
+within 2 steps; DualPipe therefore trains with SGD here, DualPipeV with Adam (seen: at most
+one float32 ulp on one micro-batch over 5 steps).
 """
 
 from __future__ import annotations
@@ -84,11 +86,9 @@ def test_matches_unpipelined_model(schedule, pp, ep):
     assert set(got_losses) == set(ref_losses)
     assert len(ref_losses) == (NUM_STEPS + 1) * 16
 
-    # Same weights (forward-only call 0, training call 1): bit-identical per micro-batch;
-    # DualPipeV: every call.
-    exact_calls = 1 if schedule == "dualpipe" else NUM_STEPS
+    # Same weights (forward-only call 0, training call 1): bit-identical per micro-batch.
     diff = {k: (got_losses[k], ref_losses[k]) for k in ref_losses
-            if k[0] <= exact_calls and got_losses[k] != ref_losses[k]}
+            if k[0] <= 1 and got_losses[k] != ref_losses[k]}
     assert not diff, f"{len(diff)} micro-batch losses differ, e.g. {list(diff.items())[:3]}"
 
     # After updates every micro-batch loss and step loss tracks the reference to 1e-5.
