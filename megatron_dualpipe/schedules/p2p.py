@@ -36,6 +36,13 @@ def flow_groups(pp_ranks: list[int]) -> dict[tuple[int, int, str], object]:
                     group = dist.new_group([a, b])
                     if pipeline == key:
                         mine[(src, dst, kind)] = group
+    # NCCL creates a communicator at its first use, collectively over its two ranks. The
+    # ranks' first sends/receives come in different orders, so a lazy creation can deadlock
+    # (each rank waiting in a different group); create them now, in one order everywhere.
+    device = torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend() == "nccl") else torch.device("cpu")
+    for group in mine.values():
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
     _GROUPS[key] = mine
     return mine
 

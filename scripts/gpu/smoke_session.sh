@@ -5,9 +5,11 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu_smoke}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# RUNS="name name ..." runs only those (default: all).
 T() { local name=$1; shift; local t0=$(date +%s)
-      echo "=== $name: $*"; "$@" 2>&1 | grep -v -i "warn" | tee "$OUT/$name.log" | grep -E "^step|error|Error|megatron_dualpipe\]" | tail -40
+      [[ -z "${RUNS:-}" || " $RUNS " == *" $name "* ]] || return 0
+      echo "=== $name: $*"; timeout "${RUN_TIMEOUT:-300}" "$@" 2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/$name.log" | grep -E "^step|error|Error|megatron_dualpipe\]" | tail -40
       echo "=== $name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"; }
 nvidia-smi -L
 python3 -c "import torch, transformer_engine, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__, 'gpus', torch.cuda.device_count())"
