@@ -254,6 +254,12 @@ def _dp_rank() -> int:
 
 
 def run_worker(recipe: Recipe) -> int:
+    hang_dump_s = float(os.environ.get("MDP_HANG_DUMP_S", 0))
+    if hang_dump_s:
+        # Debugging aid: print every thread's stack and exit if the run is still going.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(hang_dump_s, exit=True)
     try:
         train(recipe)
     finally:
