@@ -14,7 +14,6 @@ import os
 import traceback
 
 import torch
-
 import torch.multiprocessing as mp
 
 from megatron_dualpipe.launch import free_port

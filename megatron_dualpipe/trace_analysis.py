@@ -287,8 +287,8 @@ def analyze(source, window: str | None = None) -> dict:
         report["window"] = {"name": window, "count": len(win), "time_us": length(win)}
         for k in KINDS:
             busy, covered = spans[k]
-            report["window"][k] = _stats(intersect(busy, win), intersect(covered, win),
-                                         len(by_kind[k]))
+            inside = sum(1 for e in by_kind[k] if intersect([(e.ts, e.end)], win))
+            report["window"][k] = _stats(intersect(busy, win), intersect(covered, win), inside)
     return report
 
 

@@ -117,9 +117,8 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_dualpipe.patches import apply_cpu_patches
-
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
+    from megatron_dualpipe.patches import apply_cpu_patches
 
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)

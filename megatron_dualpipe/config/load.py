@@ -32,7 +32,9 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ValueError(  # noqa: TRY004 - every recipe problem is a ValueError (CLI: exit 2)
+            f"recipe {path}: top level must be a mapping, got {type(data).__name__}"
+        )
     return data
 
 
@@ -93,7 +95,9 @@ def _section_fields(model: type[BaseModel], parts: list[str]) -> tuple[type[Base
                 for name, f in model.model_fields.items()
                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
             )
-            raise ValueError(f"--set {'.'.join(parts)}: '{path}' is not a section; sections: {allowed}")
+            raise ValueError(  # noqa: TRY004 - a recipe problem, as above
+                f"--set {'.'.join(parts)}: '{path}' is not a section; sections: {allowed}"
+            )
         model = annotation
     return model, parts[-1]
 
@@ -115,7 +119,9 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {item}: '{part}' is not a mapping in the recipe")
+                raise ValueError(  # noqa: TRY004 - a recipe problem, as above
+                    f"--set {item}: '{part}' is not a mapping in the recipe"
+                )
         node[parts[-1]] = value
     return raw
 

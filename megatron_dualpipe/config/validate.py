@@ -68,7 +68,8 @@ def check_parallel(recipe: Recipe) -> None:
         raise ValueError("parallel.vpp is required for parallel.schedule=interleaved (e.g. 2)")
     if p.schedule != "interleaved" and p.vpp is not None:
         raise ValueError(
-            f"parallel.vpp applies only to parallel.schedule=interleaved (schedule is {p.schedule}); "
+            "parallel.vpp applies only to parallel.schedule=interleaved "
+            f"(schedule is {p.schedule}); "
             "dualpipe/dualpipev always use two chunks per rank"
         )
     if p.schedule in ("dualpipe", "dualpipev") and p.pp < 2:
@@ -155,7 +156,8 @@ def check_batch(recipe: Recipe) -> None:
             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}; "
             f"nearest valid train.global_batch_size: "
-            f"{_nearest(list(range(unit, t.global_batch_size + 2 * unit, unit)), t.global_batch_size)}"
+            + _nearest(list(range(unit, t.global_batch_size + 2 * unit, unit)),
+                       t.global_batch_size)
         )
     p = recipe.parallel
     if p.schedule in ("dualpipe", "dualpipev"):

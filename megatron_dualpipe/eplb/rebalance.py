@@ -11,13 +11,16 @@ the planner's balancedness gain reaches ``min_gain``.
 2. For each moved slot the payload is: every expert weight, then per weight the optimizer's
    full flat tensors (fp32 main param where it is not the weight itself, Adam ``exp_avg``,
    ``exp_avg_sq``, ``step``) in sorted key order. Both ends derive the same list.
-3. Payloads for one peer are packed per dtype into one buffer; all sends and receives of the
-   EP group go out in one ``torch.distributed.batch_isend_irecv``. Received data and local
-   copies land in *temporaries*; nothing live is written.
-4. All ranks agree (an all-reduce of an ok flag) that every step succeeded; only then the
-   temporaries are copied in place, the routers switch to the new placement and the gradient
-   norm flags follow. On any failure before that, the temporaries are dropped and the old
-   placement, weights and optimizer state are untouched (`RebalanceError`).
+3. Each rank allocates temporaries for the slots it fills (no communication), then all ranks
+   agree (an all-reduce of an ok flag) before any communication starts.
+4. Payloads for one peer are packed per dtype into one buffer; all sends and receives of the
+   EP group go out in one ``torch.distributed.batch_isend_irecv``; local copies are made.
+   Everything lands in the temporaries; nothing live is written.
+5. A second agreement: only if every rank succeeded are the temporaries copied in place, the
+   routers switched to the new placement and the gradient-norm flags updated. On a failure
+   before that (on any rank) the temporaries are dropped and the old placement, weights and
+   optimizer state are untouched (`RebalanceError`). A rank that dies *inside* a collective
+   cannot be recovered from, as with any collective.
 """
 
 from __future__ import annotations
@@ -107,11 +110,23 @@ def _moves(layers: list[ExpertLayer], new: torch.Tensor) -> list[_Move]:
 
 
 def slot_payload(layer: ExpertLayer, access: OptimizerAccess, j: int) -> list[torch.Tensor]:
-    """Weights, then per weight its optimizer tensors (sorted keys), of local slot ``j``."""
+    """Weights, then per weight its optimizer tensors (sorted keys), of local slot ``j``.
+
+    Collective over the expert-data-parallel group when the optimizer state is sharded.
+    """
     out = [param.data.reshape(-1) for _, param in layer.params[j]]
     for _, param in layer.params[j]:
         state = access.read(param)
         out.extend(state[key] for key in sorted(state))
+    return out
+
+
+def _empty_payload(layer: ExpertLayer, access: OptimizerAccess, j: int) -> list[torch.Tensor]:
+    """Uninitialized tensors shaped like `slot_payload` of local slot ``j`` (no communication)."""
+    out = [torch.empty_like(param.data).reshape(-1) for _, param in layer.params[j]]
+    for _, param in layer.params[j]:
+        out.extend(torch.empty(numel, dtype=dtype, device=param.device)
+                   for _, dtype, numel in access.layout(param))
     return out
 
 
@@ -122,7 +137,7 @@ def _commit_slot(layer: ExpertLayer, access: OptimizerAccess, j: int,
         param.data.view(-1).copy_(value)
     rest = tensors[len(params):]
     for _, param in params:
-        keys = sorted(access.read(param))
+        keys = [key for key, _, _ in access.layout(param)]
         access.write(param, dict(zip(keys, rest[:len(keys)])))
         rest = rest[len(keys):]
 
@@ -133,37 +148,51 @@ def _agree(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
+@dataclass
+class _Staged:
+    """This rank's part of a move: temporaries for every slot it fills, and who sends what."""
+
+    fills: list = field(default_factory=list)  # (layer index, local dst slot, temporaries)
+    copies: list = field(default_factory=list)  # (layer index, local src slot, temporaries)
+    sends: dict = field(default_factory=dict)  # peer EP rank -> [(layer index, local src slot)]
+    recvs: dict = field(default_factory=dict)  # peer EP rank -> [temporaries]
+
+
 def move_experts(layers: list[ExpertLayer], access: OptimizerAccess, new: torch.Tensor,
                  fault=None) -> MoveStats:
     """Move weights and optimizer state to placement ``new [L, S]`` and switch the routers.
 
-    Collective over all ranks (every rank calls it, with its own local layers). ``fault`` is a
-    test hook called with ``"before_transfer"`` and ``"before_commit"``; an exception there (or
-    anywhere before the commit, on any rank) raises `RebalanceError` with nothing changed.
+    Collective over all ranks (every rank calls it, with its own local layers). Two agreement
+    points (all-reduces of an ok flag) bracket the communication: a failure while planning the
+    transfer or allocating temporaries, or after the transfer, on any rank, raises
+    `RebalanceError` everywhere with nothing changed. ``fault`` is a test hook called with
+    ``"before_transfer"`` and ``"before_commit"``.
     """
-    start = time.perf_counter()
     stats = MoveStats()
     device = layers[0].router.weight.device if layers else torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    staged: list[tuple[int, int, list[torch.Tensor]]] = []  # (layer, local dst, tensors)
+    _agree(True, device)  # start together, so the time is the move's, not a wait for planning
+    start = time.perf_counter()
+    staged = _Staged()
     error = None
-    try:
-        moves = _moves(layers, new) if layers else []
-        if fault is not None:
-            fault("before_transfer")
-        staged, stats.bytes_received = _transfer(layers, access, moves)
-        if fault is not None:
-            fault("before_commit")
-    except Exception as err:  # noqa: BLE001 - any failure aborts the transaction everywhere
-        error = err
-    if not _agree(error is None, device):
-        staged.clear()
-        where = f"here: {error!r}" if error is not None else "on another rank"
-        raise RebalanceError(f"expert move aborted, placement unchanged (failed {where})") \
-            from error
+    for phase in ("before_transfer", "before_commit"):
+        try:
+            if phase == "before_transfer":
+                staged = _stage(layers, access, _moves(layers, new) if layers else [])
+            else:
+                stats.bytes_received = _exchange(layers, access, staged)
+            if fault is not None:
+                fault(phase)
+        except Exception as err:  # noqa: BLE001 - any failure aborts the transaction everywhere
+            error = err
+        if not _agree(error is None, device):
+            staged = _Staged()
+            where = f"here: {error!r}" if error is not None else "on another rank"
+            raise RebalanceError(f"expert move aborted, placement unchanged (failed {where})") \
+                from error
     with torch.no_grad():
-        for li, j, tensors in staged:
+        for li, j, tensors in staged.fills:
             _commit_slot(layers[li], access, j, tensors)
     for li, layer in enumerate(layers):
         if bool((layer.phy2log != new[li]).any()):
@@ -171,38 +200,46 @@ def move_experts(layers: list[ExpertLayer], access: OptimizerAccess, new: torch.
             stats.slots_moved += int((layer.phy2log != new[li]).sum())
             layer.router.set_placement(new[li])
     mark_duplicates(layers, access)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _transfer(layers, access, moves) -> tuple[list, int]:
-    """Fetch every payload this rank needs into temporaries (batched P2P within EP groups)."""
-    staged, sends, recvs = [], {}, {}
+def _stage(layers, access, moves) -> _Staged:
+    """Allocate the temporaries and list the transfers of this rank (no communication)."""
+    staged = _Staged()
     for move in moves:
         layer = layers[move.layer]
-        spr = layer.slots_per_rank
+        spr, me = layer.slots_per_rank, layer.ep_rank
         dst_rank, src_rank = move.dst // spr, move.src // spr
-        me = layer.ep_rank
-        if src_rank == me and dst_rank == me:
-            payload = slot_payload(layer, access, layer.local_slot(move.src))
-            staged.append((move.layer, layer.local_slot(move.dst), [t.clone() for t in payload]))
-        elif src_rank == me:
-            sends.setdefault(dst_rank, []).append((layer, slot_payload(layer, access,
-                                                                   layer.local_slot(move.src))))
-        elif dst_rank == me:
+        if dst_rank == me:
             j = layer.local_slot(move.dst)
-            like = slot_payload(layer, access, j)
-            temps = [torch.empty_like(t) for t in like]
-            staged.append((move.layer, j, temps))
-            recvs.setdefault(src_rank, []).append((layer, temps))
-    ops, unpack = [], []
+            temps = _empty_payload(layer, access, j)
+            staged.fills.append((move.layer, j, temps))
+            if src_rank == me:
+                staged.copies.append((move.layer, layer.local_slot(move.src), temps))
+            else:
+                staged.recvs.setdefault(src_rank, []).append(temps)
+        elif src_rank == me:
+            staged.sends.setdefault(dst_rank, []).append((move.layer, layer.local_slot(move.src)))
+    return staged
+
+
+def _exchange(layers, access, staged: _Staged) -> int:
+    """Fill the temporaries: local copies, then one batched P2P round within the EP group.
+    Returns the bytes received."""
+    for li, j, temps in staged.copies:
+        for dst, src in zip(temps, slot_payload(layers[li], access, j)):
+            dst.copy_(src)
+    ops, unpack, received = [], [], 0
     group = layers[0].router.ep_group if layers else None
-    for peer in sorted(sends):
-        for buf in _pack([t for _, payload in sends[peer] for t in payload]).values():
+    for peer in sorted(staged.sends):
+        payload = [t for li, j in staged.sends[peer] for t in slot_payload(layers[li], access, j)]
+        for buf in _pack(payload).values():
             ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(group, peer), group))
-    received = 0
-    for peer in sorted(recvs):
-        temps = [t for _, tensors in recvs[peer] for t in tensors]
+    for peer in sorted(staged.recvs):
+        temps = [t for tensors in staged.recvs[peer] for t in tensors]
         for dtype, buf in _pack(temps, empty=True).items():
             ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer), group))
             unpack.append((buf, [t for t in temps if t.dtype == dtype]))
@@ -213,9 +250,9 @@ def _transfer(layers, access, moves) -> tuple[list, int]:
     for buf, temps in unpack:
         offset = 0
         for t in temps:
-            t.view(-1).copy_(buf[offset:offset + t.numel()])
+            t.copy_(buf[offset:offset + t.numel()])
             offset += t.numel()
-    return staged, received
+    return received
 
 
 def _pack(tensors: list[torch.Tensor], empty: bool = False) -> dict[torch.dtype, torch.Tensor]:

@@ -190,6 +190,18 @@ class OptimizerAccess:
             out["param"] = main.reshape(-1)
         return out
 
+    def layout(self, param) -> list[tuple[str, torch.dtype, int]]:
+        """``(key, dtype, numel)`` of what :meth:`read` returns, in sorted key order, found
+        locally (no communication)."""
+        sub = self.owner(param)
+        if sub is None:
+            return []
+        if hasattr(sub, "model_param_group_index_map") and sub.data_parallel_group.size() > 1:
+            return [(key, dtype, 1 if scalar else param.numel())
+                    for key, (dtype, scalar) in sorted(_state_template(sub).items())]
+        state = self.read(param)  # views only: no communication without expert-DP shards
+        return [(key, state[key].dtype, state[key].numel()) for key in sorted(state)]
+
     def write(self, param, tensors: dict[str, torch.Tensor]) -> None:
         """Copy full flat tensors (as returned by :meth:`read`) into ``param``'s state."""
         sub = self.owner(param)

@@ -17,6 +17,7 @@ See ``docs/eplb_training.md``.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,8 @@ class EPLBHook(TrainHook):
         self.window = None
         self.num_ids = recipe.model.num_layers + recipe.model.mtp_num_layers + 1
         self.last_move: MoveStats | None = None
+        self.last_plan = None
+        self.last_plan_seconds = 0.0
 
     # -- TrainHook ------------------------------------------------------------------------
     def on_setup(self, state) -> None:
@@ -147,7 +150,7 @@ class EPLBHook(TrainHook):
         if (record["step"] + 1) % self.recipe.eplb.interval == 0:
             stats = self.rebalance(state)
             if stats is not None:
-                record.update(self._move_record(stats))
+                record.update(self.move_record(stats))
 
     # -- rebalance ------------------------------------------------------------------------
     def rebalance(self, state=None, *, force: bool = False, placement: dict | None = None,
@@ -160,17 +163,19 @@ class EPLBHook(TrainHook):
         """
         e = self.recipe.eplb
         new = torch.zeros(0, 0, dtype=torch.long)
-        self.last_plan = None
+        self.last_plan, self.last_plan_seconds = None, 0.0
         if placement is not None and self.layers:
             new = torch.stack([torch.as_tensor(placement[layer.layer_id], dtype=torch.long)
                                for layer in self.layers])
         elif self.layers:
+            start = time.perf_counter()
             num_groups, num_nodes = planner_topology(self.recipe)
             self.last_plan = plan(
                 self.layers, self.window.estimate(), num_groups=num_groups, num_nodes=num_nodes,
                 policy=e.policy, migration_aware=e.migration_aware, min_gain=e.min_gain,
                 force=force)
             new = self.last_plan.new
+            self.last_plan_seconds = time.perf_counter() - start
         try:
             stats = move_experts(self.layers, self.access, new, fault=fault)
         except RebalanceError as err:
@@ -211,24 +216,28 @@ class EPLBHook(TrainHook):
         values = buf[:2, present] / buf[2, present]
         return values[0].tolist(), values[1].tolist()
 
-    def _move_record(self, stats: MoveStats) -> dict:
-        changed = torch.zeros(self.num_ids + 2, dtype=torch.float64)
+    def move_record(self, stats: MoveStats) -> dict:
+        changed = torch.zeros(self.num_ids + 3, dtype=torch.float64)
         for layer_id in stats.layers:
             changed[layer_id] = 1.0
-        changed[-1] = stats.bytes_received
+        changed[-3] = stats.bytes_received
+        changed[-2] = stats.seconds
+        changed[-1] = self.last_plan_seconds
         changed = _all_reduce_cpu(changed, op=dist.ReduceOp.MAX)
-        seconds = _all_reduce_cpu(torch.tensor([stats.seconds], dtype=torch.float64),
-                                  op=dist.ReduceOp.MAX)
         out = {
-            "eplb_replanned": int(changed[:-2].sum()),
-            "eplb_move_ms": float(seconds[0]) * 1e3,
-            "eplb_move_bytes_max_rank": int(changed[-1]),
+            "eplb_replanned": int(changed[:-3].sum()),
+            "eplb_move_bytes_max_rank": int(changed[-3]),
+            "eplb_move_ms": float(changed[-2]) * 1e3,
+            "eplb_plan_ms": float(changed[-1]) * 1e3,
         }
-        if self.last_plan is not None and dist.get_rank() == 0:
-            out["eplb_planned_balancedness_before"] = float(
-                self.last_plan.balancedness_before.mean())
-            out["eplb_planned_balancedness_after"] = float(
-                self.last_plan.balancedness_after.mean())
+        plan = self.last_plan
+        empty = torch.zeros(0, dtype=torch.float64)
+        before, after = self._gather_per_layer(
+            plan.balancedness_before if plan is not None else empty,
+            plan.balancedness_after if plan is not None else empty)
+        if before:
+            out["eplb_planned_balancedness_before"] = sum(before) / len(before)
+            out["eplb_planned_balancedness_after"] = sum(after) / len(after)
         return out
 
 

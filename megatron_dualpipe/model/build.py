@@ -22,7 +22,9 @@ def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
     if spec == "auto":
         return device.type == "cuda" and _te_available()
     if spec == "te" and not _te_available():
-        raise ValueError("model.spec=te needs Transformer Engine (pip install megatron_dualpipe[gpu])")
+        raise ValueError(
+            "model.spec=te needs Transformer Engine (pip install 'megatron_dualpipe[gpu]')"
+        )
     return spec == "te"
 
 

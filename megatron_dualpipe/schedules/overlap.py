@@ -11,7 +11,8 @@ the combine / experts / dispatch / attention backward nodes of the other chunk, 
 on Megatron's communication stream and the compute on the current stream, so each all-to-all
 of one micro-batch runs under compute of the other (DeepSeek-V3's F&B chunk). The two chunks
 are different `GPTModel`s (our two-chunk layouts), which the plans allow: the plan of a chunk
-holds its own model and layers.
+holds its own model and layers. With EP=1 (no all-to-all) the plan keeps every node input
+(`keep_node_inputs`).
 
 This is `megatron.core.pipeline_parallel.combined_1f1b.combined_forward_backward_step` with
 our layout's stage flags: the loss is computed where ``placement.post_process`` says (not
@@ -52,6 +53,22 @@ def cpu_record_stream_noop():
         yield
     finally:
         torch.Tensor.record_stream = original
+
+
+def keep_node_inputs(plan) -> None:
+    """Turn off the plan nodes' early freeing of their inputs.
+
+    The nodes free the input of dispatch/experts/combine after their forward because the
+    all-to-all makes a new tensor. With EP=1 the all-to-all returns its input, so the freed
+    storage is the next node's input (Megatron's combined 1F1B asserts EP > 1 for this).
+    """
+    for i in range(plan.num_layers()):
+        layer = plan.get_layer(i)
+        for name in ("pre_dispatch_computation", "moe_dispatch", "mlp", "moe_combine",
+                     "mtp_post_process"):
+            node = getattr(layer, name, None)
+            if hasattr(node, "free_input"):
+                node.free_input = False
 
 
 def _annotate(name: str):
@@ -138,6 +155,8 @@ class FusedChunks:
         if not isinstance(plan, AbstractSchedulePlan):
             raise TypeError("forward_step_func(..., return_schedule_plan=True) must return a "
                             "schedule plan (GPTModel.build_schedule_plan) first")
+        if self.config.expert_model_parallel_size == 1:
+            keep_node_inputs(plan)
         return plan, loss_func
 
     def _backward_plan(self, b_input, b_output, b_grad):
@@ -181,7 +200,7 @@ class FusedChunks:
 
         output = num_tokens = None
         if fwd is not None:
-            chunk, mb = fwd
+            chunk = fwd[0]
             placement = ex.placements[chunk]
             loss_node = ScheduleNode(loss_func, get_comp_stream, f_plan.event, name="loss_func")
             output, num_tokens = forward_step_calc_loss(

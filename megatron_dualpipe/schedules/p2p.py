@@ -39,10 +39,17 @@ def flow_groups(pp_ranks: list[int]) -> dict[tuple[int, int, str], object]:
     # NCCL creates a communicator at its first use, collectively over its two ranks. The
     # ranks' first sends/receives come in different orders, so a lazy creation can deadlock
     # (each rank waiting in a different group); create them now, in one order everywhere.
+    # The same holds for NCCL's point-to-point connections, set up by the first send/recv of
+    # a group (the first isend blocks until the peer's first recv): exercise each flow once.
     device = torch.device("cuda", torch.cuda.current_device()) if (
         dist.get_backend() == "nccl") else torch.device("cpu")
-    for group in mine.values():
+    me = dist.get_rank()
+    for (src, dst, _), group in mine.items():
         dist.all_reduce(torch.zeros(1, device=device), group=group)
+        if me == src:
+            dist.send(torch.zeros(1, device=device), dst, group=group)
+        elif me == dst:
+            dist.recv(torch.zeros(1, device=device), src, group=group)
     _GROUPS[key] = mine
     return mine
 

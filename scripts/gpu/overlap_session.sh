@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Overlapped F&B chunks session on a GPU machine with 2 GPUs (4 also works), after Transformer
+# Engine + megatron-core are installed. Runs, in order, with logs under $OUT:
+#   1. python -m pytest -q -s -m gpu tests/test_overlap_gpu.py
+#        DualPipeV overlap on vs off (PP=2 x EP=1 on 2 GPUs; + PP=2 x EP=2 with 4 GPUs)
+#   2. python benchmarks/overlap_bench.py --gpus 2
+#        (a) Megatron 1F1B, (b) Megatron combined 1F1B, (c) DualPipeV, (d) DualPipeV + fused
+#        F&B; step time, tokens/s/GPU, peak memory, all-to-all overlap from a profiled step;
+#        writes the overlap_bench section of docs/benchmarks.md
+#   3. with >= 4 GPUs also --gpus 4 (DualPipeV PP=2 x EP=2 vs interleaved PP=2 VPP=2 EP=2,
+#      the layout where (c)/(d) have all-to-alls); copies docs/benchmarks.md, the JSON
+#      results, the worker logs and the rank-0 traces to $OUT
+#
+#   OUT=/path/to/out bash scripts/gpu/overlap_session.sh        # default OUT: ./out
+#
+# Expected on 2 H100/H200: pytest ~1.5 min (2 x (spawn + build ~25 s + 5 calls)), benchmark
+# ~3-4 min (4 torchrun jobs of ~35-50 s: imports + build ~25 s, 2 + 5 + 1 steps of < 1 s).
+# Total ~5-6 min; the timeouts below cap it at 8 min (2 GPUs). Exit status: non-zero if a part
+# failed (the later parts still run).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+# Never let NCCL/PyTorch/NVSHMEM use NVLink multicast on the lent machines.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+T0=$(date +%s)
+status=0
+log() { echo "[overlap_session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/overlap_session.log"; }
+
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+log "GPUs: $NGPU; $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+"$PY" - <<'EOF' 2>&1 | grep -v -i warn | tee -a "$OUT/overlap_session.log"
+import importlib.metadata as md, torch
+def v(d):
+    try:
+        return md.version(d)
+    except md.PackageNotFoundError:
+        return "MISSING"
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+for d in ("transformer-engine", "megatron-core", "pytest", "pydantic", "PyYAML"):
+    print(d, v(d))
+EOF
+
+log "1/2 pytest tests/test_overlap_gpu.py (expected ~1.5 min)"
+t=$(date +%s)
+timeout 240 "$PY" -m pytest -q -s -rsx -m gpu -p no:cacheprovider tests/test_overlap_gpu.py \
+  2>&1 | tee "$OUT/overlap_pytest.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=1
+log "pytest: exit $rc after $(( $(date +%s) - t )) s"
+
+log "2/2 benchmarks/overlap_bench.py --gpus 2 (expected ~3-4 min)"
+t=$(date +%s)
+timeout 300 "$PY" benchmarks/overlap_bench.py --gpus 2 --timeout-s 110 \
+  --workdir "$OUT/bench2" --json "$OUT/overlap_bench_2gpu.json" 2>&1 | tee "$OUT/overlap_bench.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=1
+log "overlap_bench --gpus 2: exit $rc after $(( $(date +%s) - t )) s"
+
+if [ "$NGPU" -ge 4 ]; then
+  log "extra: benchmarks/overlap_bench.py --gpus 4 (DualPipeV PP=2 x EP=2; ~4 min)"
+  t=$(date +%s)
+  timeout 330 "$PY" benchmarks/overlap_bench.py --gpus 4 --timeout-s 120 \
+    --workdir "$OUT/bench4" --json "$OUT/overlap_bench_4gpu.json" 2>&1 \
+    | tee "$OUT/overlap_bench_4gpu.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && status=1
+  log "overlap_bench --gpus 4: exit $rc after $(( $(date +%s) - t )) s"
+fi
+
+for dir in "$OUT"/bench*/traces_*/traces; do  # keep rank 0's trace of each variant
+  [ -d "$dir" ] || continue
+  find "$dir" -name 'rank*.json' ! -name 'rank0.json' -delete
+  [ -f "$dir/rank0.json" ] && gzip -f "$dir/rank0.json"
+done
+for trace in "$OUT"/bench*/traces_d/traces/rank0.json.gz; do
+  [ -f "$trace" ] && "$PY" -m megatron_dualpipe trace "$trace" --window dualpipe.FB 2>&1 \
+    | tee -a "$OUT/overlap_session.log"
+done
+cp docs/benchmarks.md "$OUT/benchmarks.md"
+log "done: exit $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $status

@@ -1,0 +1,212 @@
+"""The CPU patches of Megatron-Core: each one target, version-guarded, reversible."""
+
+import importlib
+
+import pytest
+import torch
+
+from megatron_dualpipe.patches import apply_cpu_patches, cpu_patches, revert_cpu_patches
+from megatron_dualpipe.patches.base import Patch
+
+PATCHES = cpu_patches()
+
+
+def _ids(patch: Patch) -> str:
+    return f"{patch.name}:{patch.module}"
+
+
+def _target(patch: Patch):
+    module, _, cls = patch.module.partition(":")
+    target = importlib.import_module(module)
+    return getattr(target, cls) if cls else target
+
+
+def _current(patch: Patch) -> dict:
+    target = _target(patch)
+    return {attr: target.__dict__.get(attr) for attr in patch.replacements}
+
+
+@pytest.fixture(autouse=True)
+def restore_patch_state():
+    """Leave the patches as this test found them (training in this process may need them)."""
+    was_applied = {id(p): p.applied for p in PATCHES}
+    yield
+    for patch in PATCHES:
+        if was_applied[id(patch)]:
+            patch.apply()
+        else:
+            patch.revert()
+
+
+def test_there_are_patches_and_each_names_its_target():
+    assert len(PATCHES) >= 6
+    names = {p.name for p in PATCHES}
+    assert {"cuda_calls", "rng_tracker", "alltoall_splits", "clip_grads",
+            "distrib_optimizer_init", "float16_optimizer_init"} <= names
+    for patch in PATCHES:
+        assert patch.module.startswith("megatron.core."), patch
+        assert patch.replacements, patch
+        # Every target exists in the installed Megatron-Core.
+        target = _target(patch)
+        for attr in patch.replacements:
+            assert attr in vars(target), f"{patch.name}: {patch.module} has no {attr}"
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=_ids)
+def test_apply_changes_the_target_and_revert_restores_the_original_object(patch):
+    patch.revert()
+    original = _current(patch)
+    patch.apply()
+    assert patch.applied
+    patched = _current(patch)
+    for attr in patch.replacements:
+        assert patched[attr] is not original[attr], f"{patch.name}: {attr} unchanged by apply()"
+    # A second apply is a no-op: same replacement objects, originals still remembered.
+    patch.apply()
+    for attr, value in _current(patch).items():
+        assert value is patched[attr], f"{patch.name}: second apply() replaced {attr} again"
+    patch.revert()
+    assert not patch.applied
+    for attr, value in _current(patch).items():
+        assert value is original[attr], f"{patch.name}: revert() did not restore {attr}"
+    # Reverting again is also a no-op.
+    patch.revert()
+    for attr, value in _current(patch).items():
+        assert value is original[attr]
+
+
+@pytest.mark.parametrize("version", ["0.20.0", "0.18.0", "0.18.9"])
+def test_version_guard_refuses_other_megatron_versions(monkeypatch, version):
+    from megatron.core import package_info
+
+    revert_cpu_patches()
+    monkeypatch.setattr(package_info, "__version__", version)
+    patch = PATCHES[0]
+    before = _current(patch)
+    with pytest.raises(RuntimeError) as err:
+        patch.apply()
+    message = str(err.value)
+    assert repr(patch.name) in message
+    assert ">=0.19.0,<0.20.0" in message
+    assert version in message
+    assert not patch.applied
+    assert _current(patch) == before, "a refused patch must leave its target untouched"
+    with pytest.raises(RuntimeError, match="megatron-core>=0.19.0,<0.20.0"):
+        apply_cpu_patches(force=True)
+    assert not any(p.applied for p in PATCHES)
+
+
+def test_version_guard_accepts_patch_releases(monkeypatch):
+    from megatron.core import package_info
+
+    revert_cpu_patches()
+    monkeypatch.setattr(package_info, "__version__", "0.19.9")
+    assert apply_cpu_patches(force=True) is True
+
+
+def test_apply_cpu_patches_is_on_only_without_cuda():
+    revert_cpu_patches()
+    if torch.cuda.is_available():
+        assert apply_cpu_patches() is False
+        assert not any(p.applied for p in PATCHES)
+    else:
+        assert apply_cpu_patches() is True
+        assert all(p.applied for p in PATCHES)
+
+
+def test_apply_cpu_patches_reverts_completely():
+    revert_cpu_patches()
+    originals = [_current(p) for p in PATCHES]
+    assert apply_cpu_patches(force=True) is True
+    assert all(p.applied for p in PATCHES)
+    assert apply_cpu_patches(force=True) is True  # idempotent
+    revert_cpu_patches()
+    assert not any(p.applied for p in PATCHES)
+    assert [_current(p) for p in PATCHES] == originals
+
+
+def test_megatron_modules_see_the_cpu_as_their_cuda_device():
+    from megatron.core.transformer.moe import router
+
+    revert_cpu_patches()
+    assert router.torch is torch
+    apply_cpu_patches(force=True)
+    assert router.torch.cuda.current_device() == torch.device("cpu")
+    assert router.torch.cuda.is_available() is False
+    assert router.torch.zeros(2, device="cuda").device.type == "cpu"
+    # Everything else is the real torch; torch itself is untouched.
+    assert router.torch.Tensor is torch.Tensor
+    assert torch.cuda.current_device is not router.torch.cuda.current_device
+    revert_cpu_patches()
+    assert router.torch is torch
+
+
+def _params_with_grads(*grads):
+    params = []
+    for grad in grads:
+        p = torch.nn.Parameter(torch.zeros_like(grad))
+        p.grad = grad.clone()
+        params.append(p)
+    return params
+
+
+def test_clip_grads_scales_cpu_grads_by_max_norm_over_total_norm():
+    from megatron.core.optimizer import optimizer
+
+    grads = (torch.tensor([3.0, 0.0]), torch.tensor([[0.0, 4.0]]))
+    total_norm = 5.0
+    revert_cpu_patches()
+    with pytest.raises(AssertionError):  # the original accepts CUDA gradients only
+        optimizer.clip_grad_by_total_norm_fp32(_params_with_grads(*grads), 1.0, total_norm)
+    apply_cpu_patches(force=True)
+    params = _params_with_grads(*grads)
+    optimizer.clip_grad_by_total_norm_fp32(params, 1.0, total_norm)
+    coeff = 1.0 / (total_norm + 1e-6)
+    torch.testing.assert_close(params[0].grad, grads[0] * coeff)
+    torch.testing.assert_close(params[1].grad, grads[1] * coeff)
+    # Under the limit nothing changes; a tensor coefficient is clamped at 1.
+    params = _params_with_grads(*grads)
+    optimizer.clip_grad_by_total_norm_fp32(params, 10.0, total_norm)
+    torch.testing.assert_close(params[0].grad, grads[0])
+    params = _params_with_grads(*grads)
+    optimizer.clip_grad_by_total_norm_fp32(params, 10.0, torch.tensor(total_norm))
+    torch.testing.assert_close(params[1].grad, grads[1])
+
+
+def test_alltoall_splits_become_host_arrays():
+    import megatron.core.transformer.moe.token_dispatcher as dispatcher
+    import numpy as np
+
+    apply_cpu_patches(force=True)
+    splits = dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2, 3]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [1, 2, 3]
+    assert dispatcher.maybe_move_tensor_to_cpu(None) is None
+
+
+def test_rng_tracker_forks_the_cpu_generator():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    apply_cpu_patches(force=True)
+    draws = []
+    for _ in range(2):
+        tracker = CudaRNGStatesTracker()
+        tracker.add("model-parallel-rng", 123)
+        torch.manual_seed(0)
+        outside = torch.get_rng_state()
+        with tracker.fork("model-parallel-rng"):
+            draws.append(torch.rand(3))
+        assert torch.equal(torch.get_rng_state(), outside), "fork() must restore the state"
+    # The tracked stream is seeded by its own seed, not by the default generator's state.
+    assert torch.equal(draws[0], draws[1])
+    torch.manual_seed(123)
+    assert torch.equal(draws[0], torch.rand(3))
+
+
+def test_optimizer_init_sees_cuda_type_names_only_inside():
+    from megatron_dualpipe.patches.cpu_tensor_types import cuda_type_names
+
+    t = torch.zeros(2)
+    with cuda_type_names():
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert t.type(torch.float64).dtype == torch.float64
+    assert t.type() == "torch.FloatTensor"
