@@ -31,11 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-import torch
 
 MARK_START, MARK_END = "<!-- eplb_train_bench:start -->", "<!-- eplb_train_bench:end -->"
 RECIPE = ROOT / "recipes" / "tiny_moe_cpu.yaml"

@@ -69,7 +69,8 @@ class LoadWindow:
             self._recent.append(loads.clone())
         else:
             alpha = 2.0 / (self.window + 1.0)
-            self._ema = loads.clone() if self.steps == 1 else (1 - alpha) * self._ema + alpha * loads
+            first = self.steps == 1
+            self._ema = loads.clone() if first else (1 - alpha) * self._ema + alpha * loads
 
     def estimate(self) -> torch.Tensor:
         """``[L, E]`` float64 load estimate (zeros before the first update)."""

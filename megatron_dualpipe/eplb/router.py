@@ -30,6 +30,9 @@ class EPLBRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
         if not self.num_logical:
             raise TypeError("use make_router_class(num_logical, ...) to build an EPLBRouter class")
+        if getattr(config, "moe_expert_capacity_factor", None) is not None:
+            raise NotImplementedError("EPLB with token dropping (moe_expert_capacity_factor): "
+                                      "capacities would be per logical expert, not per slot")
         num_slots = config.num_moe_experts
         logical_config = copy.copy(config)
         logical_config.num_moe_experts = self.num_logical
