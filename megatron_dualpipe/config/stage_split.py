@@ -48,7 +48,7 @@ def check_stage_split(recipe: Recipe) -> None:
 
     Raises `ValueError` naming the fields involved.
     """
-    from megatron_dualpipe.config.validate import check_layers
+    from megatron_dualpipe.config.validate import check_layers, check_model_shape
 
     explicit = recipe.parallel.layers_per_stage
     if explicit is None:
@@ -69,21 +69,7 @@ def check_stage_split(recipe: Recipe) -> None:
             f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
             f"{m.num_layers}"
         )
-    # The rest of check_layers, which does not depend on the split.
-    if m.num_dense_layers > m.num_layers:
-        raise ValueError(
-            f"model.num_dense_layers={m.num_dense_layers} exceeds model.num_layers={m.num_layers}"
-        )
-    if m.attention == "mha" and m.hidden_size % m.num_attention_heads:
-        raise ValueError(
-            f"model.hidden_size={m.hidden_size} must be divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}"
-        )
-    if m.num_attention_heads % p.tp:
-        raise ValueError(
-            f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
-            f"parallel.tp={p.tp}"
-        )
+    check_model_shape(recipe)
 
 
 def megatron_layout(recipe: Recipe) -> list[list[str]]:

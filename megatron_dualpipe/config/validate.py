@@ -100,6 +100,12 @@ def check_layers(recipe: Recipe) -> None:
             f"(parallel.schedule={p.schedule}, parallel.pp={p.pp}); nearest valid "
             f"model.num_layers: {_nearest(valid, m.num_layers)}"
         )
+    check_model_shape(recipe)
+
+
+def check_model_shape(recipe: Recipe) -> None:
+    """Layer and head rules that do not depend on how the layers are split."""
+    m, p = recipe.model, recipe.parallel
     if m.num_dense_layers > m.num_layers:
         raise ValueError(
             f"model.num_dense_layers={m.num_dense_layers} exceeds model.num_layers={m.num_layers}"
