@@ -83,10 +83,14 @@ DEFAULT_PROXY_SET = [
     "moe.group_topk=2", "moe.ffn_hidden_size=2048", "moe.shared_expert_ffn_hidden_size=2048",
     "train.micro_batch_size=1", "train.global_batch_size=4",
 ]
+BF16_MLA = ("['*self_attention.linear_q_down_proj', '*self_attention.linear_kv_down_proj', "
+            "'*self_attention.linear_q_up_proj', '*self_attention.linear_kv_up_proj']")
 PROXY_VARIANTS = {
     "bf16": ["fp8.recipe=none"],
     "blockwise": ["fp8.recipe=blockwise"],
     "blockwise+fused": ["fp8.recipe=blockwise", "fp8.grouped_gemm_fused=true"],
+    # MLA's low-rank projections (small N or K) stay BF16: TE's FP8 is slower there.
+    "blockwise+bf16mla": ["fp8.recipe=blockwise", "fp8.bf16_modules=" + BF16_MLA],
     "current": ["fp8.recipe=current"],
     "delayed": ["fp8.recipe=delayed"],
 }
@@ -1169,7 +1173,7 @@ def parse_args(argv=None):
                    help="extra recipe override for the proxy (repeatable)")
     p.add_argument("--no-proxy-default-set", dest="proxy_default_set", action="store_false",
                    help="do not apply DEFAULT_PROXY_SET (DeepSeek-V3-sized layers)")
-    p.add_argument("--proxy-variants", default="bf16,blockwise",
+    p.add_argument("--proxy-variants", default="bf16,blockwise,blockwise+bf16mla",
                    help=f"comma list of {', '.join(PROXY_VARIANTS)}")
     p.add_argument("--proxy-steps", type=int, default=15, help="timed proxy steps")
     p.add_argument("--proxy-warmup", type=int, default=5, help="untimed proxy steps")

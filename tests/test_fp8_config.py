@@ -430,3 +430,67 @@ def test_report_on_a_real_megatron_model_without_te():
     assert kinds["norm"]["bf16"] >= 4 and kinds["linear_local"]["bf16"] > 0
     layers = {m["layer"] for m in report["modules"].values() if m["layer"] is not None}
     assert layers == {0, 1, 2, 3}
+
+
+# --- fp8.bf16_modules (per-module BF16 override) -----------------------------------------------
+
+
+class _FakeTELinear(nn.Linear):
+    """Carries Megatron's TE-wrapper quantization hook: `finish_init` as Megatron defines it."""
+
+    def __init__(self):
+        super().__init__(4, 4)
+        self.te_quant_params = None
+
+    def finish_init(self, quantization_config):
+        from megatron.core.extensions.transformer_engine import TEQuantizationParams
+
+        self.te_quant_params = TEQuantizationParams.parse_from_config(quantization_config)
+
+
+def _fake_layer():
+    attn = nn.Module()
+    attn.linear_q_down_proj, attn.linear_kv_down_proj = _FakeTELinear(), _FakeTELinear()
+    attn.linear_proj = _FakeTELinear()
+    layer = nn.Module()
+    layer.self_attention = attn
+    layer.norm = nn.LayerNorm(4)  # no quantization hook: never matched
+    return layer
+
+
+def test_bf16_modules_override_only_the_matching_te_gemms():
+    from megatron_dualpipe.fp8.overrides import apply_bf16_modules, is_bf16_override
+
+    chunk = nn.Module()
+    chunk.decoder = nn.Module()
+    chunk.decoder.layers = nn.ModuleList([_fake_layer(), _fake_layer()])
+    names = apply_bf16_modules(chunk, ["*_down_proj", "*.norm"])
+    assert names == [f"decoder.layers.{i}.self_attention.linear_{p}_down_proj"
+                     for i in (0, 1) for p in ("q", "kv")]
+    for name, module in chunk.named_modules():
+        if hasattr(module, "te_quant_params"):
+            assert is_bf16_override(module) == (name in names)
+    recipe = chunk.decoder.layers[1].self_attention.linear_kv_down_proj.te_quant_params
+    assert recipe.evaluation_recipe is None and recipe.training_recipe.override_quantized_autocast
+    assert apply_bf16_modules(chunk, []) == []
+
+
+def test_bf16_modules_appear_in_the_static_report():
+    from megatron_dualpipe.fp8.overrides import apply_bf16_modules
+
+    chunk = nn.Module()
+    chunk.decoder = nn.Module()
+    chunk.decoder.layers = nn.ModuleList([_fake_layer()])
+    apply_bf16_modules(chunk, ["*linear_q_down_proj"])
+    q = chunk.decoder.layers[0].self_attention.linear_q_down_proj
+    from megatron_dualpipe.fp8.modules import _decide
+
+    config = SimpleNamespace(fp8="e4m3", fp8_recipe="blockwise")
+    layer_ctx = ("layer", SimpleNamespace(layer_number=1))
+    precision, _, reason = _decide("linear", q, layer_ctx, config)
+    assert precision == "bf16" and "bf16_modules" in reason
+
+
+def test_bf16_modules_cannot_combine_with_fp8_params():
+    with pytest.raises(ValueError, match="fp8.bf16_modules.*fp8.param_gather"):
+        parse_recipe(raw_proxy(fp8={"bf16_modules": ["*down_proj"], "param_gather": True}))

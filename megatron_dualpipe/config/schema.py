@@ -122,6 +122,12 @@ class FP8Config(Section):
         description="keep the SwiGLU input for the backward in FP8 (Megatron "
         "activation_func_fp8_input_store; DeepSeek-V3 §3.3.3)",
     )
+    bf16_modules: list[str] = Field(
+        default_factory=list,
+        description="glob patterns on module names inside a model chunk (e.g. "
+        "'*self_attention.linear_q_down_proj') whose Transformer Engine GEMMs stay BF16 "
+        "(megatron_dualpipe/fp8/overrides.py)",
+    )
 
 
 class EPLBConfig(Section):

@@ -198,6 +198,11 @@ def check_fp8(recipe: Recipe) -> None:
         raise ValueError(
             "fp8.bf16_layers_at_start + fp8.bf16_layers_at_end exceeds model.num_layers"
         )
+    if f.bf16_modules and f.param_gather:
+        raise ValueError(
+            "fp8.bf16_modules cannot be combined with fp8.param_gather=true (FP8 parameters "
+            "are created as FP8 tensors; a BF16 GEMM would need BF16 weights)"
+        )
     if f.recipe in ("blockwise", "mxfp8"):
         m, moe = recipe.model, recipe.moe
         for name, dim in (

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
+from megatron_dualpipe.fp8.overrides import is_bf16_override
+
 TE_GEMM_CLASSES = {"Linear", "LayerNormLinear", "LayerNormMLP", "GroupedLinear", "BasicLinear"}
 LOCAL_GEMM_CLASSES = {"ColumnParallelLinear", "RowParallelLinear", "Linear", "Bilinear"}
 FP8, BF16 = "fp8", "bf16"
@@ -123,6 +125,8 @@ def _decide(kind: str, module, ctx, config) -> tuple[str, int | None, str]:
             return BF16, layer, "fp8 is off"
         if ctx is None:
             return BF16, layer, "TE GEMM outside the decoder layers (no FP8 autocast there)"
+        if is_bf16_override(module):
+            return BF16, layer, "fp8.bf16_modules: per-module BF16 override"
         if ctx[0] == "mtp":
             return FP8, layer, "MTP layer: global FP8 autocast"
         if layer_runs_fp8(config, layer):

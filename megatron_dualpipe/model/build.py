@@ -13,6 +13,7 @@ from megatron_dualpipe.config import Recipe
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.distributed import process_groups
+from megatron_dualpipe.fp8.overrides import apply_bf16_modules
 from megatron_dualpipe.model.init import init_chunk
 from megatron_dualpipe.model.layout import ChunkPlacement, chunk_placements
 
@@ -118,6 +119,8 @@ def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp:
             ep_rank=parallel_state.get_expert_model_parallel_rank(),
             num_local_experts=num_physical_experts(recipe) // ep,
         )
+        if recipe.fp8.recipe != "none":
+            apply_bf16_modules(chunk, recipe.fp8.bf16_modules)
         chunks.append(chunk)
     if recipe.parallel.schedule == "dualpipe":
         # Chunk 1 mirrors a stage that chunk 0 of the mirror rank also holds: count its
