@@ -52,7 +52,8 @@ def apply_bf16_modules(chunk, patterns: Iterable[str]) -> list[str]:
     names = []
     for name, module in matching_modules(_unwrap(chunk), patterns):
         layer = re.search(r"layers\.(\d+)", name)
-        context = MatchContext(module_path=name, layer_number=int(layer.group(1)) if layer else None)
+        layer_number = int(layer.group(1)) if layer else None
+        context = MatchContext(module_path=name, layer_number=layer_number)
         module.finish_init(QuantizationConfig(BF16_OVERRIDE, context, "fp8.bf16_modules"))
         names.append(name)
     return names
