@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron_dualpipe.schedules import actions as A
 from megatron_dualpipe.schedules.mirror import sum_mirror_grads
 from megatron_dualpipe.schedules.p2p import ACT, GRAD, Links
+from megatron_dualpipe.schedules.te_wgrad import deferral_for
 from megatron_dualpipe.schedules.wgrad import WeightGradQueue, WeightGradStore
 
 
@@ -241,7 +242,12 @@ def _forward_backward(
 
     rank_actions = A.build_actions(schedule, len(pp_ranks), num_microbatches,
                                    overlap=overlap, zero_bubble=zero_bubble)[executor.rank]
-    executor.run(rank_actions)
+    # TE linears defer their weight GEMMs only inside split backwards (te_wgrad.py).
+    WeightGradStore.te = deferral_for(model) if zero_bubble else None
+    try:
+        executor.run(rank_actions)
+    finally:
+        WeightGradStore.te = None
     links.wait_sends()
     if executor.saved or len(executor.wgrads):
         raise RuntimeError(f"{schedule}: work left after the last action (schedule bug)")

@@ -2,10 +2,10 @@
 
 While `WeightGradStore.collect()` is active, linear layers that support deferral (Megatron's
 own linears through `patches/deferred_wgrad_linear.py`; Transformer Engine linears through
-their `backward_dw()`) compute only the input gradient and queue a closure for the weight
-gradient. `collect()` returns the queued closures of that backward as one item; a later W
-action runs them (`run(item)`), accumulating into `main_grad` exactly where Megatron's DDP
-hook would have.
+their delayed `wgrad_store` and `backward_dw()`, see `te_wgrad.py`) compute only the input
+gradient and queue a closure for the weight gradient. `collect()` returns the queued closures
+of that backward as one item; a later W action runs them (`run(item)`), accumulating into
+`main_grad` exactly where Megatron's DDP hook would have.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class WeightGradStore:
 
     _collecting: list[Callable[[], None]] | None = None
     num_deferred = 0  # weight GEMMs deferred so far in this process (for tests and logs)
+    te = None  # TEWeightGradDeferral of the model being scheduled (schedules/te_wgrad.py)
 
     @classmethod
     def deferring(cls) -> bool:
@@ -43,8 +44,10 @@ class WeightGradStore:
             raise RuntimeError("WeightGradStore.collect() does not nest")
         item: list[Callable[[], None]] = []
         cls._collecting = item
+        te = cls.te.deferring(item) if cls.te else contextlib.nullcontext()
         try:
-            yield item
+            with te:
+                yield item
         finally:
             cls._collecting = None
 

@@ -1,0 +1,144 @@
+"""The zero-bubble W split for Transformer Engine linears (schedules/te_wgrad.py), on CPU.
+
+A stand-in module follows TE's delayed-wgrad protocol as TE 2.x implements it (a `wgrad_store`
+queue whose `delay_wgrad_compute()` is read in the backward; `backward_dw()` pops the oldest
+weight GEMM and assigns `weight.grad`). The GPU side (real TE modules inside DualPipeV) is in
+tests/test_overlap_gpu.py.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from megatron_dualpipe.schedules.te_wgrad import TEWeightGradDeferral, is_deferrable
+from megatron_dualpipe.schedules.wgrad import WeightGradStore
+
+
+class FakeStore:
+    def __init__(self, delay_wgrad_compute=False):
+        self.context = queue.Queue() if delay_wgrad_compute else None
+        self.enabled = bool(delay_wgrad_compute)
+
+    def delay_wgrad_compute(self):
+        return self.enabled
+
+    def put(self, tensor_list, func):
+        self.context.put((tensor_list, func))
+
+    def pop(self):
+        tensor_list, func = self.context.get()
+        return func(*tensor_list), tensor_list
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, module):
+        ctx.save_for_backward(x, weight)
+        ctx.wgrad_store = module.wgrad_store
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        def gemm(a, b):
+            return b.reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        if ctx.wgrad_store is not None and ctx.wgrad_store.delay_wgrad_compute():
+            ctx.wgrad_store.put([x, dy], gemm)
+            wgrad = None
+        else:
+            wgrad = gemm(x, dy)
+        return dy @ weight, wgrad, None
+
+
+class FakeTELinear(torch.nn.Module):
+    def __init__(self, n, bias=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, n, dtype=torch.float64))
+        self.use_bias = bias
+        self.fuse_wgrad_accumulation = False
+        self.wgrad_store = FakeStore(False)
+
+    def forward(self, x):
+        return _LinearFn.apply(x, self.weight, self)
+
+    def backward_dw(self):
+        if not self.wgrad_store.delay_wgrad_compute():
+            return
+        wgrad, _ = self.wgrad_store.pop()
+        self.weight.grad = wgrad
+
+
+FakeTELinear.__module__ = "transformer_engine.pytorch.module.linear"  # what TE classes look like
+
+
+class MegatronWrapper(FakeTELinear):
+    """Like Megatron's TELinear: backward_dw is a no-op without config.delay_wgrad_compute."""
+
+    def backward_dw(self):
+        return None
+
+
+MegatronWrapper.__module__ = "megatron.core.extensions.transformer_engine"
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(MegatronWrapper(6), torch.nn.Tanh(), MegatronWrapper(6))
+
+
+def _loss(model, seed):
+    torch.manual_seed(100 + seed)
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    return model(x).square().sum()
+
+
+@pytest.mark.parametrize("main_grad", [False, True])
+def test_deferred_te_weight_grads_equal_the_plain_backward(main_grad):
+    ref, model = _model(), _model()
+    for mb in range(2):
+        _loss(ref, mb).backward()
+    if main_grad:  # Megatron DDP: gradients live in main_grad, param.grad stays None
+        for p in model.parameters():
+            p.main_grad = torch.zeros_like(p)
+    deferral = TEWeightGradDeferral.of_chunks([model], store_class=FakeStore)
+    assert len(deferral) == 2
+    WeightGradStore.te = deferral
+    try:
+        items = []
+        for mb in range(2):
+            with WeightGradStore.collect() as item:
+                _loss(model, mb).backward()
+            items.append(item)
+    finally:
+        WeightGradStore.te = None
+    for p in model.parameters():  # nothing computed yet: both GEMMs of both micro-batches wait
+        assert p.grad is None and (not main_grad or not p.main_grad.any())
+    assert all(m.wgrad_store.context.qsize() == 2 for m in deferral.modules)
+    for item in items:  # W, oldest first
+        WeightGradStore.run(item)
+    assert all(m.wgrad_store.context.empty() and not m.wgrad_store.enabled
+               for m in deferral.modules)
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        got = p.main_grad if main_grad else p.grad
+        torch.testing.assert_close(got, p_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_outside_collect_is_not_deferred():
+    ref, model = _model(), _model()
+    _loss(ref, 0).backward()
+    TEWeightGradDeferral.of_chunks([model], store_class=FakeStore)
+    _loss(model, 0).backward()
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_modules_with_bias_or_fused_accumulation_are_not_deferred():
+    assert is_deferrable(MegatronWrapper(4))
+    assert not is_deferrable(MegatronWrapper(4, bias=True))
+    fused = MegatronWrapper(4)
+    fused.fuse_wgrad_accumulation = True
+    assert not is_deferrable(fused)
+    assert not is_deferrable(torch.nn.Linear(4, 4, bias=False))  # not a TE module
