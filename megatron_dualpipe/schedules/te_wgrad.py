@@ -64,6 +64,8 @@ def _store_class():
 class TEWeightGradDeferral:
     """The deferrable TE modules of some model chunks, with their delay switches."""
 
+    num_deferred = 0  # TE weight GEMMs deferred so far in this process (for tests and logs)
+
     def __init__(self, modules: Iterable, store_class=None) -> None:
         self.modules = [m for m in modules if is_deferrable(m)]
         make_store = store_class or (_store_class() if self.modules else None)
@@ -96,6 +98,7 @@ class TEWeightGradDeferral:
             self._set(False)
         pending = [(m, m.wgrad_store.context.qsize() - before[id(m)]) for m in self.modules]
         pending = [(m, n) for m, n in pending if n > 0]
+        TEWeightGradDeferral.num_deferred += sum(n for _, n in pending)
         if pending:
             item.append(lambda: self._run(pending))
 
