@@ -18,14 +18,16 @@ variant                     --gpus 2                           --gpus 4
 (b) ``mcore-combined``      (a) + overlap_moe_expert_parallel_comm (combined 1F1B: forward of
                             one micro-batch fused with the backward of another, all-to-alls
                             on a communication stream)
-(c) ``dualpipev``           DualPipeV PP=2 EP=1, F&B           DualPipeV PP=2 EP=2, F&B
+(c) ``dualpipev``           DualPipeV PP=1 EP=2, F&B           DualPipeV PP=2 EP=2, F&B
                             sequential                         sequential
 (d) ``dualpipev-overlap``   (c) with F&B chunks fused (schedules/overlap.py, ``overlap_fb``)
 ==========================  =================================  ================================
 
-On 2 GPUs DualPipeV needs PP=2, which leaves EP=1: (c)/(d) have no all-to-all there, so the
-overlap target can only be measured with 4 GPUs (same 4-stage split as (a)/(b): two chunks per
-rank, V-shaped vs interleaved). Megatron allows (b) with PP=1 or with VPP, EP > 1,
+On 2 GPUs every variant is PP=1 x EP=2 (DP=2): DualPipeV with one pipeline rank holds both
+stages of the V on each GPU, so its steady state still pairs the forward of one chunk with the
+backward of the other, and each fused F&B chunk has the expert all-to-alls of both halves to
+hide. With 4 GPUs: the same 4-stage split as (a)/(b) (two chunks per rank, V-shaped vs
+interleaved). Megatron allows (b) with PP=1 or with VPP, EP > 1,
 alltoall/flex dispatcher, BF16, no MoE recompute, ``moe_shared_expert_overlap`` off, MTP <= 1
 layer: all true here; ``delay_wgrad_compute`` stays off (as in (d)). The flag is set on the
 built model's TransformerConfig (our recipes have no field for it).
@@ -68,8 +70,8 @@ PROXY_SET = [
 LAYOUTS = {  # --gpus -> variant -> recipe overrides
     2: {"a": ["parallel.schedule=1f1b", "parallel.pp=1", "parallel.ep=2"],
         "b": ["parallel.schedule=1f1b", "parallel.pp=1", "parallel.ep=2"],
-        "c": ["parallel.schedule=dualpipev", "parallel.pp=2", "parallel.ep=1"],
-        "d": ["parallel.schedule=dualpipev", "parallel.pp=2", "parallel.ep=1"]},
+        "c": ["parallel.schedule=dualpipev", "parallel.pp=1", "parallel.ep=2"],
+        "d": ["parallel.schedule=dualpipev", "parallel.pp=1", "parallel.ep=2"]},
     4: {"a": ["parallel.schedule=interleaved", "parallel.pp=2", "parallel.vpp=2",
               "parallel.ep=2"],
         "b": ["parallel.schedule=interleaved", "parallel.pp=2", "parallel.vpp=2",
