@@ -130,22 +130,27 @@ def format_plan(plan: dict) -> str:
         f"{plan['num_microbatches']} micro-batches per step; decoder layers per stage "
         f"{stages['layers_per_stage']}"
     )
-    lines.append(f"training: {_b(plan['training_tokens'])} tokens")
+    ramp = plan.get("batch_ramp")
+    lines.append(f"training: {_b(plan['training_tokens'])} tokens" + (
+        f"; batch ramp {ramp['start']}"
+        + (f" (runs as {ramp['first_batch']})" if ramp["first_batch"] != ramp["start"] else "")
+        + f" -> {ramp['final_batch']} (+{ramp['increment']}) "
+        f"over {ramp['ramp_steps']:,} steps, {_b(ramp['ramp_tokens'])} tokens" if ramp else ""))
     lines.append("parameters (main model = embedding + decoder layers + final norm + output head):")
     lines.append(
         f"  total      {_b(prm['total'])}  (embedding {_b(prm['embedding'])}, head "
         f"{_b(prm['output_head'])}, decoder layers {_b(prm['decoder_layers'])})"
     )
     lines.append(
-        f"  activated  {_b(prm['activated'])} per token (output head included, embedding table "
-        f"not; with it {_b(prm['activated_with_embedding'])})"
+        f"  activated  {_b(prm['activated'])} per training token = main model "
+        f"{_b(prm['activated_main'])} + MTP {_b(prm['mtp_activated'])} (weights a token is "
+        f"multiplied with: output head included once, embedding table not, a lookup; with the "
+        f"table {_b(prm['activated_main_with_embedding'])} main)"
     )
     if mtp:
         lines.append(
-            f"  MTP        {_b(mtp)} unique (embedding and head shared), "
-            f"{_b(prm['mtp_activated'])} "
-            f"activated; with MTP: {_b(prm['total_with_mtp'])} total, "
-            f"{_b(prm['activated_with_mtp'])} activated"
+            f"  MTP        {_b(mtp)} unique (embedding and head shared); main + MTP: "
+            f"{_b(prm['total_with_mtp'])} total"
         )
     e = plan["experts"]
     lines.append(f"experts: {e['physical']} slots, {e['per_ep_rank']} per EP rank "

@@ -12,12 +12,20 @@ import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.to_megatron import optimizer_config
+from megatron_dualpipe.config.validate_training import (
+    check_training_rules,
+    unsupported_for_training,
+)
 from megatron_dualpipe.data import make_source
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
+from megatron_dualpipe.lr_scheduler import build_scheduler
 from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
 from megatron_dualpipe.profiling import StepProfiler
 from megatron_dualpipe.schedules.registry import forward_backward_func
+from megatron_dualpipe.token_schedules import BatchSchedule, config_values, step_source
+
+__all__ = ["TrainHook", "TrainState", "build_scheduler", "setup", "train", "train_step"]
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -79,25 +87,8 @@ class TrainState:
     history: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     inspect_grads: object = None  # tests: called with the state when gradients are final
-
-
-def build_scheduler(recipe: Recipe, optimizer):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = recipe.optimizer
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if o.lr_warmup_steps else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=max(recipe.train.steps, o.lr_warmup_steps + 1),
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=recipe.train.steps,
-        wd_incr_style="constant",
-    )
+    batches: BatchSchedule | None = None  # global batch per step (train.batch_ramp)
+    warnings: list = field(default_factory=list)  # recipe warnings (printed by rank 0)
 
 
 def extensions(recipe: Recipe) -> tuple[object, list[TrainHook]]:
@@ -120,6 +111,10 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
     from megatron_dualpipe.patches import apply_cpu_patches
 
+    unsupported = unsupported_for_training(recipe)
+    if unsupported:
+        raise ValueError("; ".join(unsupported))
+    warnings = check_training_rules(recipe)
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     os.environ.update(fp8_environment_variables(recipe))
@@ -134,8 +129,10 @@ def setup(recipe: Recipe) -> TrainState:
     config, model = build_model(recipe, device, router_cls=router_cls)
     optimizer = get_megatron_optimizer(optimizer_config(recipe), model)
     config.finalize_model_grads_func = finalize_model_grads
-    scheduler = build_scheduler(recipe, optimizer)
-    state = TrainState(recipe, device, config, model, optimizer, scheduler, hooks=hooks)
+    batches = BatchSchedule(recipe)
+    scheduler = build_scheduler(recipe, optimizer, batches)
+    state = TrainState(recipe, device, config, model, optimizer, scheduler, hooks=hooks,
+                       batches=batches, warnings=warnings)
     for hook in hooks:
         hook.on_setup(state)
     return state
@@ -156,8 +153,15 @@ def _global_loss(forward_data_store: list, device: torch.device) -> tuple[float,
 
 def train_step(state: TrainState, source, step: int, forward_only: bool = False,
                forward_step_func=forward_step) -> dict:
-    """One optimizer step over the global batch; returns the step's record."""
+    """One optimizer step over the global batch; returns the step's record.
+
+    With `train.batch_ramp` the step's micro-batch count and samples follow `state.batches`;
+    token-scheduled config values (MTP loss weight, router bias update rate) are set first.
+    """
     recipe = state.recipe
+    if state.batches is not None:
+        source = step_source(source, state.batches, step)
+    schedule_values = apply_config_schedules(state, step)
     fb = forward_backward_func(recipe.parallel.schedule,
                                zero_bubble=recipe.parallel.zero_bubble,
                                overlap=recipe.parallel.overlap_fb and state.device.type == "cuda")
@@ -180,6 +184,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
         forward_only=forward_only,
     )
     grad_norm = 0.0
+    lr = state.optimizer.param_groups[0]["lr"]  # the LR this step uses
     if not forward_only:
         for hook in state.hooks:
             hook.before_optimizer_step(state)
@@ -191,20 +196,49 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     loss, per_microbatch = _global_loss(store, state.device)
-    tokens = recipe.train.global_batch_size * recipe.model.seq_length
+    global_batch = (state.batches.global_batch(step) if state.batches is not None
+                    else recipe.train.global_batch_size)
+    tokens = global_batch * recipe.model.seq_length
     record = {
         "step": step,
         "loss": loss,
-        "lr": state.optimizer.param_groups[0]["lr"],
+        "lr": float(lr),
         "grad_norm": float(grad_norm or 0.0),
         "tokens_per_s": tokens / elapsed,
         "step_time_s": elapsed,
         "microbatch_losses": per_microbatch,
     }
+    if recipe.train.batch_ramp is not None:
+        record["global_batch"] = global_batch
+    record.update(schedule_values)
     if not forward_only:
         for hook in state.hooks:
             hook.after_step(state, record)
     return record
+
+
+def apply_config_schedules(state: TrainState, step: int) -> dict[str, float]:
+    """Set the token-scheduled TransformerConfig fields for `step`; returns them for the
+    step's record. Megatron reads them at run time (the MTP loss scale in the forward, the bias
+    update rate in `finalize_model_grads`), but chunks and some modules hold their own config
+    copies, so every config object reachable from the model is updated."""
+    recipe = state.recipe
+    if not (recipe.model.mtp_loss_scaling_schedule or recipe.moe.bias_update_rate_schedule):
+        return {}
+    from megatron.core.transformer import TransformerConfig
+
+    batches = state.batches or BatchSchedule(recipe)
+    values = config_values(recipe, batches.samples_before(step) * recipe.model.seq_length)
+    configs = {id(state.config): state.config}
+    for chunk in state.model:
+        for module in chunk.modules():
+            config = getattr(module, "config", None)
+            if isinstance(config, TransformerConfig):
+                configs[id(config)] = config
+    for config in configs.values():
+        for name, value in values.items():
+            setattr(config, name, value)
+    return values
 
 
 def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
@@ -219,11 +253,17 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
     logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
                            resume_step=state.step, tensorboard=recipe.train.tensorboard)
     if rank == 0:
+        for warning in state.warnings:
+            print(f"[megatron_dualpipe] warning: {warning}", flush=True)
+        ramp = ""
+        if state.batches.ramp_steps:
+            ramp = (f" (batch ramp: {state.batches.num_microbatches(0)} in the first step, "
+                    f"all from step {state.batches.ramp_steps})")
         print(
             f"[megatron_dualpipe] {recipe.name}: world {dist.get_world_size()}, "
             f"tp={recipe.parallel.tp} pp={recipe.parallel.pp} ep={recipe.parallel.ep} "
             f"dp={data_parallel_size(recipe)}, schedule={recipe.parallel.schedule}, "
-            f"{num_microbatches(recipe)} micro-batches/step, device={state.device.type}"
+            f"{num_microbatches(recipe)} micro-batches/step{ramp}, device={state.device.type}"
             + (f", resuming at step {state.step}" if state.step else ""),
             flush=True,
         )

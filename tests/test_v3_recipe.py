@@ -82,8 +82,12 @@ def test_every_v3_value_has_a_comment_and_the_model_cites_the_report():
             assert re.search(r"§\d|HF ", line), f"no report/HF citation: {line!r}"
 
 
-def test_v3_maps_onto_megatron(v3):
-    kw = transformer_config_kwargs(v3, torch.device("cpu"))
+def test_v3_maps_onto_megatron(v3, monkeypatch):
+    from megatron_dualpipe.config import to_megatron
+
+    # V3's recompute (layernorm, mla_up_proj) needs Transformer Engine, as V3 itself does
+    monkeypatch.setattr(to_megatron, "transformer_engine_available", lambda: True)
+    kw = transformer_config_kwargs(v3, torch.device("cuda"))
     assert kw["num_layers"] == 61 and kw["multi_latent_attention"]
     assert kw["moe_layer_freq"] == [0] * 3 + [1] * 58
     assert kw["num_moe_experts"] == 256 and kw["moe_router_topk"] == 8
@@ -95,6 +99,9 @@ def test_v3_maps_onto_megatron(v3):
     assert kw["mtp_num_layers"] == 1
     assert (kw["pipeline_model_parallel_size"], kw["expert_model_parallel_size"]) == (16, 64)
     assert kw["fp8_recipe"] == "blockwise"
+    assert kw["recompute_granularity"] == "selective"
+    assert kw["recompute_modules"] == ["layernorm", "mla_up_proj"]
+    assert kw["mtp_loss_scaling_factor"] == 0.3 and kw["moe_router_bias_update_rate"] == 0.001
 
 
 def test_v3_stage_split(v3):

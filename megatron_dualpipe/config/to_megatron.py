@@ -80,6 +80,8 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         # MTP
         mtp_num_layers=m.mtp_num_layers or None,
         mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
+        # Selective activation recomputation (DeepSeek-V3 §3.2.3)
+        **recompute_kwargs(recipe, on_gpu),
     )
     if m.attention == "mla":
         kw.update(
@@ -94,6 +96,45 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
     if f.recipe != "none":
         kw.update(_fp8_kwargs(recipe, kw, num_moe_layers))
     return kw
+
+
+# Megatron-Core 0.19 recomputes these with `CheckpointWithoutOutput`, which queries Transformer
+# Engine's FP8 state even without FP8 (`self.fp8 = fp8 is not None`), so they need TE.
+DISCARDING_RECOMPUTE = ("layernorm", "mla_up_proj", "moe_act")
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
+    """`model.recompute_modules` -> Megatron's selective recompute (none when empty).
+
+    `layernorm`, `mla_up_proj` and `moe_act` need Transformer Engine (see above); `moe_act`
+    also needs grouped-GEMM experts, which run on GPU only here.
+    """
+    modules = list(recipe.model.recompute_modules)
+    if not modules:
+        return {"recompute_granularity": None, "recompute_modules": None}
+    allowed = "core_attn, mlp, moe, shared_experts"
+    if "moe_act" in modules and not (recipe.moe.grouped_gemm and on_gpu):
+        raise ValueError(
+            "model.recompute_modules: moe_act needs moe.grouped_gemm=true on a GPU (Megatron-Core "
+            "recomputes the activation of grouped-GEMM experts only); allowed here: "
+            f"{allowed}, layernorm, mla_up_proj"
+        )
+    needs_te = [m for m in modules if m in DISCARDING_RECOMPUTE]
+    if needs_te and not transformer_engine_available():
+        raise ValueError(
+            f"model.recompute_modules: {', '.join(needs_te)} need Transformer Engine (Megatron-"
+            "Core 0.19's output-discarding checkpoint uses it even without FP8); allowed "
+            f"without Transformer Engine: {allowed}"
+        )
+    return {"recompute_granularity": "selective", "recompute_modules": modules}
 
 
 # --- fp8-specific mapping (megatron_dualpipe/fp8, docs/fp8.md) -------------------------------
@@ -146,10 +187,49 @@ def ddp_config(recipe: Recipe):
     )
 
 
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def te_fused_adam_available() -> bool:
+    """Transformer Engine's FusedAdam (the only Adam with BF16 moments in Megatron-Core 0.19)."""
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def moment_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """`optimizer.moment_dtype` -> Megatron's precision-aware optimizer (fp32: nothing).
+
+    BF16 Adam moments (DeepSeek-V3 §3.3.3) with FP32 master weights and gradients. Megatron-Core
+    0.19 supports it only through TE's FusedAdam with the distributed optimizer; without
+    Transformer Engine (CPU runs) the Torch AdamW fallback keeps FP32 moments, so it is refused.
+    """
+    o = recipe.optimizer
+    if o.moment_dtype == "fp32":
+        return {}
+    if not te_fused_adam_available():
+        raise ValueError(
+            f"optimizer.moment_dtype={o.moment_dtype} needs Transformer Engine's FusedAdam "
+            "(Megatron-Core's precision-aware optimizer); the Torch Adam used without it keeps "
+            "the moments in FP32; allowed values without Transformer Engine: fp32"
+        )
+    dtype = MOMENT_DTYPES[o.moment_dtype]
+    return {
+        "use_precision_aware_optimizer": True,
+        "main_params_dtype": torch.float32,
+        "main_grads_dtype": torch.float32,
+        "exp_avg_dtype": dtype,
+        "exp_avg_sq_dtype": dtype,
+    }
+
+
 def optimizer_config(recipe: Recipe):
     from megatron.core.optimizer import OptimizerConfig
 
     o = recipe.optimizer
+    fp8 = recipe.fp8.recipe
     return OptimizerConfig(
         optimizer=o.name,
         lr=o.lr,
@@ -162,4 +242,6 @@ def optimizer_config(recipe: Recipe):
         bf16=recipe.model.dtype == "bf16",
         params_dtype=_dtype(recipe),
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+        fp8_recipe=MEGATRON_FP8_RECIPE[fp8] if fp8 != "none" else None,
+        **moment_kwargs(recipe),
     )

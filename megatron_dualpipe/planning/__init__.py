@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config.stage_split import num_stages, stage_sizes
@@ -15,11 +14,17 @@ from megatron_dualpipe.config.validate import (
     num_physical_experts,
     world_size,
 )
+from megatron_dualpipe.config.validate_training import (
+    batch_increment,
+    check_training_rules,
+    unsupported_for_training,
+)
 from megatron_dualpipe.planning import memory
 from megatron_dualpipe.planning.layout import ep_group_nodes, experts_per_rank, pipeline_ranks
-from megatron_dualpipe.planning.params import count_params
+from megatron_dualpipe.planning.params import ACTIVATED_CONVENTION, count_params
 from megatron_dualpipe.schedules.actions import build_actions
 from megatron_dualpipe.schedules.simulator import Costs, closed_form_bubble, simulate
+from megatron_dualpipe.token_schedules import BatchSchedule
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -28,61 +33,27 @@ PER_RANK_SCOPE = "one entry per pipeline rank; all tp x dp GPUs of a pipeline ra
 
 
 def check_plan_rules(recipe: Recipe) -> list[str]:
-    """Rules on the schedule-like fields; raises `ValueError`, returns warnings."""
-    warnings = []
-    t, p = recipe.train, recipe.parallel
-    unit = t.micro_batch_size * data_parallel_size(recipe)
-    if t.batch_ramp is not None:
-        start, end, samples = t.batch_ramp
-        if end != t.global_batch_size:
-            raise ValueError(
-                f"train.batch_ramp ends at {end} but train.global_batch_size="
-                f"{t.global_batch_size}; they must be equal"
-            )
-        if not 0 < start <= end or samples < 0:
-            raise ValueError(f"train.batch_ramp={list(t.batch_ramp)}: need 0 < start <= end, "
-                             "ramp_samples >= 0")
-        if start % unit:
-            raise ValueError(
-                f"train.batch_ramp start {start} must be a multiple of train.micro_batch_size x "
-                f"data-parallel size = {unit}"
-            )
-        need = 2 * p.pp
-        if p.schedule in ("dualpipe", "dualpipev") and start // unit < need:
-            warnings.append(
-                f"train.batch_ramp starts at {start} = {start // unit} micro-batches per step; "
-                f"{p.schedule} with pp={p.pp} needs >= {need}: the first "
-                f"{_samples_below(recipe, need * unit):,} ramp samples cannot run this schedule "
-                f"(start the ramp at {need * unit}, or run them with another layout)"
-            )
-    for name, rows in (
-        ("optimizer.lr_schedule_tokens", [r[0] for r in recipe.optimizer.lr_schedule_tokens]),
-        ("model.mtp_loss_scaling_schedule", [r[0] for r in recipe.model.mtp_loss_scaling_schedule]),
-        ("moe.bias_update_rate_schedule", [r[0] for r in recipe.moe.bias_update_rate_schedule]),
-    ):
-        if any(b <= a for a, b in itertools.pairwise(rows)):
-            raise ValueError(f"{name}: token boundaries must increase, got {rows}")
-    return warnings
+    """Rules on the training-loop fields (`config/validate_training.py`); raises `ValueError`,
+    returns warnings, including what `train` would refuse."""
+    warnings = check_training_rules(recipe)
+    return warnings + [f"train refuses: {u}" for u in unsupported_for_training(recipe)]
 
 
-def _samples_below(recipe: Recipe, batch: int) -> int:
-    start, end, samples = recipe.train.batch_ramp
-    if end == start:
-        return 0
-    return int(samples * (batch - start) / (end - start))
+def training_tokens(recipe: Recipe) -> int:
+    """Tokens of `train.steps` steps, batch ramp included (`token_schedules.BatchSchedule`)."""
+    return BatchSchedule(recipe).samples_before(recipe.train.steps) * recipe.model.seq_length
 
 
-def training_tokens(recipe: Recipe) -> float:
-    """Tokens of `train.steps` steps, with the batch ramp's steps at the average ramp batch."""
-    t = recipe.train
-    seq = recipe.model.seq_length
-    if t.batch_ramp is None:
-        return t.steps * t.global_batch_size * seq
-    start, end, samples = t.batch_ramp
-    ramp_steps = samples / ((start + end) / 2)
-    if t.steps <= ramp_steps:
-        return t.steps * (start + end) / 2 * seq
-    return (samples + (t.steps - ramp_steps) * end) * seq
+def batch_schedule_summary(recipe: Recipe) -> dict | None:
+    """The batch ramp as `train` runs it, or None without one."""
+    if recipe.train.batch_ramp is None:
+        return None
+    b = BatchSchedule(recipe)
+    return {"start": recipe.train.batch_ramp[0], "first_batch": b.global_batch(0),
+            "final_batch": b.final,
+            "increment": batch_increment(recipe), "ramp_steps": b.ramp_steps,
+            "ramp_tokens": b.samples_before(b.ramp_steps) * recipe.model.seq_length,
+            "first_microbatches": b.num_microbatches(0)}
 
 
 def simulate_recipe(recipe: Recipe, costs: Costs | None = None):
@@ -120,9 +91,11 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float = 80.0) -> dict:
                      "schedule": p.schedule, "vpp": p.vpp, "zero1": p.distributed_optimizer},
         "num_microbatches": num_microbatches(recipe),
         "training_tokens": training_tokens(recipe),
+        "batch_ramp": batch_schedule_summary(recipe),
         "mtp_num_layers": m.mtp_num_layers,
         "total_params": params.total,
         "activated_params": params.activated,
+        "activated_convention": ACTIVATED_CONVENTION,
         "params": params.to_json(),
         "stages": {"count": num_stages(recipe), "layers_per_stage": stage_sizes(recipe)},
         "pipeline_ranks": [

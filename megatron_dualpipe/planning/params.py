@@ -4,12 +4,20 @@ All counts are for the whole (unsharded) model. Biases: none (`add_bias_linear=F
 the router's expert bias (`moe.expert_bias`, a buffer in Megatron, a parameter in the HF
 checkpoint; counted here, 256 numbers per layer for V3). Norms are RMSNorm (one weight).
 
-What "activated" means (per token, forward pass): every weight the token is multiplied with —
+"Activated" counts the distinct weights one token is multiplied with in the forward pass:
 attention, the dense MLP or the router plus `moe.topk` routed and the shared expert, the norms
 and the output head. The input embedding is a table lookup that reads one row, so the table is
-not counted (`activated_with_embedding` adds it). The main model excludes MTP; the MTP module
-shares the embedding and the output head with the main model, and its own parameters are the
-2h->h projection, two input norms, one transformer layer and a final norm.
+not counted (`activated_main_with_embedding` adds it). `activated` is per *training* token:
+the main model plus the MTP modules' own weights (each training token also runs through them;
+they share the embedding and the output head with the main model, counted once). The MTP
+module's own parameters are the 2h->h projection, two input norms, one transformer layer and a
+final norm. `total` is the main model only (DeepSeek's 671B excludes MTP).
+
+DeepSeek-V3 (`docs/deepseek_v3.md`, "What `plan` counts"): total 671.03B (report: 671B);
+activated 37.31B per training token (report: 37B), of which the main model 36.63B
+(README_WEIGHTS.md: 36.7B). The same "one vocabulary matrix" count gives DeepSeek-V2 20.85B
+(report: 21B) and V2-Lite 2.45B (2.4B); adding the embedding table would give 37.55B (V3),
+21.38B and 2.66B, further from every published number.
 """
 
 from __future__ import annotations
@@ -120,20 +128,26 @@ def head_block(recipe: Recipe) -> Block:
     return Block(dense=h + head_params(recipe), activated=h + used)
 
 
+ACTIVATED_CONVENTION = (
+    "per training token: main model + MTP modules' own weights; output head counted once, "
+    "embedding table not (a lookup)"
+)
+
+
 @dataclass(frozen=True)
 class ParamSummary:
     """Whole-model counts (see the module docstring for what each includes)."""
 
     total: int  # main model: embedding + decoder layers + final norm + output head
-    activated: int  # main model per token, output head included, embedding table not
-    activated_with_embedding: int
+    activated: int  # per training token: main model + MTP own weights; head in, embedding not
+    activated_main: int  # main model per token, output head included, embedding table not
+    activated_main_with_embedding: int
     embedding: int
     output_head: int
     decoder_layers: int
     mtp: int  # unique MTP parameters (all depths), embedding/head shared
     mtp_activated: int  # per token, unique MTP parameters only
     total_with_mtp: int
-    activated_with_mtp: int
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -152,13 +166,13 @@ def count_params(recipe: Recipe) -> ParamSummary:
         mtp = mtp + mtp_depth(recipe)
     return ParamSummary(
         total=main.total,
-        activated=main.activated,
-        activated_with_embedding=main.activated + emb.dense,
+        activated=main.activated + mtp.activated,
+        activated_main=main.activated,
+        activated_main_with_embedding=main.activated + emb.dense,
         embedding=emb.dense,
         output_head=head_params(recipe),
         decoder_layers=layers.total,
         mtp=mtp.total,
         mtp_activated=mtp.activated,
         total_with_mtp=main.total + mtp.total,
-        activated_with_mtp=main.activated + mtp.activated,
     )
