@@ -64,8 +64,21 @@ def init_distributed(recipe: Recipe, device: torch.device) -> DistEnv:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
+        get_embedding_ranks=embedding_ranks if p.schedule in ("dualpipe", "dualpipev") else None,
     )
     return env
+
+
+def embedding_ranks(pp_ranks: list[int], *_) -> list[int]:
+    """Megatron's embedding group for DualPipe/DualPipeV: the first pipeline rank alone.
+
+    Megatron sums the word-embedding copies (tied output head, MTP embedding) of the first and
+    last pipeline *ranks*. In DualPipeV the first and the last stage are both on rank 0; in
+    DualPipe ranks 0 and pp-1 each hold stage 0 and the last stage. There the schedule sums
+    the copies on the rank (`schedules/mirror.py`), so the group has nothing to reduce across
+    ranks: one rank keeps Megatron's all-reduce a no-op.
+    """
+    return [pp_ranks[0]]
 
 
 def destroy_distributed() -> None:
@@ -96,14 +109,22 @@ class PipelineRankView:
         return getattr(self._group, name)
 
 
-def process_groups(stage_rank: int | None = None):
+def process_groups(stage_rank: int | None = None, embedding_group: bool = True):
     """Megatron's `ProcessGroupCollection`, optionally with the pipeline rank viewed as
-    `stage_rank` (see `PipelineRankView`)."""
+    `stage_rank` (see `PipelineRankView`) and without the embedding group.
+
+    `embedding_group=False` (DualPipe/DualPipeV): Megatron's embedding group joins the first
+    and last *pipeline ranks*, but in these schedules the word-embedding copies (tied head,
+    MTP) sit on the rank that holds stage 0; the schedule sums them (`schedules/mirror.py`).
+    """
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     pgc = ProcessGroupCollection.use_mpu_process_groups()
-    if stage_rank is None:
+    if stage_rank is None and embedding_group:
         return pgc
     view = copy.copy(pgc)
-    view.pp = PipelineRankView(pgc.pp, stage_rank)
+    if stage_rank is not None:
+        view.pp = PipelineRankView(pgc.pp, stage_rank)
+    if not embedding_group:
+        view.embd = None
     return view

@@ -30,11 +30,11 @@ COMMON = ["model.num_layers=8", "train.global_batch_size=32", "train.micro_batch
 OPTIMIZER = {"dualpipev": "adam", "dualpipe": "sgd"}
 
 
-def _run(pp: int, ep: int, schedule: str, optimizer: str) -> list[dict]:
+def _run(pp: int, ep: int, schedule: str, optimizer: str, extra: tuple = ()) -> list[dict]:
     from dualpipe_worker import run_steps
 
     overrides = [*COMMON, f"parallel.pp={pp}", f"parallel.ep={ep}",
-                 f"parallel.schedule={schedule}", f"optimizer.name={optimizer}"]
+                 f"parallel.schedule={schedule}", f"optimizer.name={optimizer}", *extra]
     if optimizer == "sgd":
         overrides.append("optimizer.lr=0.1")
     world = pp * ep
@@ -42,8 +42,10 @@ def _run(pp: int, ep: int, schedule: str, optimizer: str) -> list[dict]:
 
 
 @functools.cache
-def reference(ep: int, optimizer: str) -> list[dict]:
-    return _run(pp=1, ep=ep, schedule="1f1b", optimizer=optimizer)
+def reference(ep: int, optimizer: str, extra: tuple = ()) -> list[dict]:
+    """The unpipelined model (PP=1, 1F1B, one chunk) with the same EP and DP."""
+    model_only = tuple(o for o in extra if o.startswith("model."))
+    return _run(pp=1, ep=ep, schedule="1f1b", optimizer=optimizer, extra=model_only)
 
 
 def losses_by_microbatch(results: list[dict]) -> dict:
@@ -70,21 +72,24 @@ def mismatch(x, y) -> float:
     return float(1 - 2 * (x * y).sum() / ((x * x).sum() + (y * y).sum()))
 
 
-@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
-@pytest.mark.parametrize("pp,ep", [(2, 1), (2, 2), (4, 1), (4, 2)])
-def test_matches_unpipelined_model(schedule, pp, ep):
-    got = _run(pp, ep, schedule, OPTIMIZER[schedule])
-    ref = reference(ep, OPTIMIZER[schedule])
+def check_against_reference(schedule: str, pp: int, ep: int, extra: tuple = (),
+                            microbatches_per_call: int = 16) -> float:
+    """Run `schedule` and the unpipelined reference; assert exactness; return the worst
+    first-step gradient mismatch."""
+    optimizer = OPTIMIZER.get(schedule, "adam")
+    got = _run(pp, ep, schedule, optimizer, extra)
+    ref = reference(ep, optimizer, extra)
 
-    # Every parameter's first-step gradient (mirror copies summed for DualPipe).
+    # Every parameter's first-step gradient (mirror and embedding copies summed).
     got_grads, ref_grads = merged_grads(got), merged_grads(ref)
     assert set(got_grads) == set(ref_grads)
     worst = max(mismatch(got_grads[k], ref_grads[k]) for k in ref_grads)
+    print(f"{schedule} pp={pp} ep={ep} {' '.join(extra)}: worst gradient mismatch {worst:.3g}")
     assert worst < 1e-12, worst
 
     got_losses, ref_losses = losses_by_microbatch(got), losses_by_microbatch(ref)
     assert set(got_losses) == set(ref_losses)
-    assert len(ref_losses) == (NUM_STEPS + 1) * 16
+    assert len(ref_losses) == (NUM_STEPS + 1) * microbatches_per_call
 
     # Same weights (forward-only call 0, training call 1): bit-identical per micro-batch.
     diff = {k: (got_losses[k], ref_losses[k]) for k in ref_losses
@@ -92,6 +97,8 @@ def test_matches_unpipelined_model(schedule, pp, ep):
     assert not diff, f"{len(diff)} micro-batch losses differ, e.g. {list(diff.items())[:3]}"
 
     # After updates every micro-batch loss and step loss tracks the reference to 1e-5.
+    worst_loss = max(abs(got_losses[k] - b) / abs(b) for k, b in ref_losses.items())
+    print(f"  worst relative micro-batch loss difference {worst_loss:.3g}")
     for key, b in ref_losses.items():
         assert abs(got_losses[key] - b) <= 1e-5 * abs(b), (key, got_losses[key], b)
     for call in range(NUM_STEPS + 1):
@@ -100,3 +107,30 @@ def test_matches_unpipelined_model(schedule, pp, ep):
 
     # The zero-bubble split really deferred weight GEMMs.
     assert all(res["num_deferred"] > 0 for res in got)
+    return worst
+
+
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+@pytest.mark.parametrize("pp,ep", [(2, 1), (2, 2), (4, 1), (4, 2)])
+def test_matches_unpipelined_model(schedule, pp, ep):
+    check_against_reference(schedule, pp, ep)
+
+
+def test_dualpipev_on_one_pipeline_rank():
+    """DualPipeV with parallel.pp=1 (EP=2 over the two data-parallel ranks): rank 0 holds
+    both stages of the V, the turn and every hand-off are local, no P2P."""
+    check_against_reference("dualpipev", 1, 2)
+
+
+TIED = ("model.untie_embeddings=false",)
+MTP = ("model.mtp_num_layers=1",)
+
+
+@pytest.mark.parametrize("schedule,pp,ep,extra", [
+    ("dualpipev", 1, 2, MTP), ("dualpipev", 1, 2, TIED), ("dualpipev", 2, 2, TIED),
+    ("dualpipe", 2, 1, MTP),
+], ids=["dualpipev-pp1-mtp", "dualpipev-pp1-tied", "dualpipev-pp2-tied", "dualpipe-pp2-mtp"])
+def test_embedding_copies(schedule, pp, ep, extra):
+    """Tied output head or MTP: the last stage's copy of the word embedding lives on a rank
+    that holds stage 0 and is summed there (schedules/mirror.py)."""
+    check_against_reference(schedule, pp, ep, extra)

@@ -1,7 +1,8 @@
 """Overlapped F&B chunks (schedules/overlap.py) on CPU: bit-identical to overlap off.
 
 DualPipeV PP=2 x EP=2 (4 gloo processes), DualPipeV and DualPipe PP=2 x EP=1 (2 processes;
-no all-to-all, the plan keeps its node inputs) on the tiny MoE, a forward-only call and then
+no all-to-all, the plan keeps its node inputs), DualPipeV PP=1 x EP=2 (2 processes: both
+stages of the V on one rank, every hand-off local) on the tiny MoE, a forward-only call and then
 NUM_STEPS training steps with Adam: with overlap every F, B and FB runs through Megatron-Core's
 schedule plans (attention / dispatch / experts / combine nodes; FB = forward plan of one chunk
 interleaved with the backward plan of the other). On CPU the nodes run in program order, and
@@ -97,7 +98,7 @@ def _run(schedule: str, pp: int, ep: int, overlap: bool) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,pp,ep", [("dualpipev", 2, 2), ("dualpipev", 2, 1),
-                                             ("dualpipe", 2, 1)])
+                                             ("dualpipe", 2, 1), ("dualpipev", 1, 2)])
 def test_overlap_matches_sequential(schedule, pp, ep):
     off = _run(schedule, pp, ep, False)
     on = _run(schedule, pp, ep, True)
@@ -110,3 +111,30 @@ def test_overlap_matches_sequential(schedule, pp, ep):
         assert set(a["grads"]) == set(b["grads"])
         worst = max(float((a["grads"][k] - b["grads"][k]).abs().max()) for k in a["grads"])
         assert worst == 0.0, f"rank {a['rank']}: gradients differ by up to {worst}"
+
+
+@pytest.mark.slow
+def test_overlap_one_rank_dualpipev_matches_unpipelined():
+    """DualPipeV with parallel.pp=1, EP=2, overlap on, against the unpipelined model (1F1B,
+    PP=1, same EP/DP): identical losses with equal weights, first-step gradients to round-off,
+    later losses within 1e-5."""
+    on = _run("dualpipev", 1, 2, True)
+    ref = _run("1f1b", 1, 2, False)
+    assert all(r["num_fused"] > 0 for r in on)
+    worst = 0.0
+    for a, b in zip(on, ref):
+        assert set(a["grads"]) == set(b["grads"])
+        for k, x in a["grads"].items():
+            y = b["grads"][k]
+            worst = max(worst, float(1 - 2 * (x * y).sum() / ((x * x).sum() + (y * y).sum())))
+        for call, (sa, sb) in enumerate(zip(a["steps"], b["steps"])):
+            got, want = dict(sa["microbatch_losses"]), dict(sb["microbatch_losses"])
+            assert set(got) == set(want)
+            for mb, loss in want.items():
+                if call <= 1:  # equal weights: bit-identical
+                    assert got[mb] == loss, (a["rank"], call, mb, got[mb], loss)
+                else:
+                    assert abs(got[mb] - loss) <= 1e-5 * abs(loss), (call, mb, got[mb], loss)
+            assert abs(sa["loss"] - sb["loss"]) <= 1e-5 * abs(sb["loss"])
+    print(f"dualpipev pp=1 ep=2 overlap: worst first-step gradient mismatch {worst:.3g}")
+    assert worst < 1e-12, worst

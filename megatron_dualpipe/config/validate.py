@@ -72,8 +72,13 @@ def check_parallel(recipe: Recipe) -> None:
             f"(schedule is {p.schedule}); "
             "dualpipe/dualpipev always use two chunks per rank"
         )
-    if p.schedule in ("dualpipe", "dualpipev") and p.pp < 2:
-        raise ValueError(f"parallel.schedule={p.schedule} needs parallel.pp >= 2 (got {p.pp})")
+    # DualPipeV with one pipeline rank is well defined: rank 0 holds both stages of the V
+    # (the turn is local); bidirectional DualPipe needs a mirror rank.
+    if p.schedule == "dualpipe" and p.pp < 2:
+        raise ValueError(
+            f"parallel.schedule=dualpipe needs an even parallel.pp >= 2 (got {p.pp}); nearest "
+            "valid: parallel.pp=2, or parallel.schedule=dualpipev (allows parallel.pp=1)"
+        )
     if p.schedule == "dualpipe" and p.pp % 2:
         raise ValueError(
             f"parallel.pp={p.pp} must be even for dualpipe; nearest valid: "

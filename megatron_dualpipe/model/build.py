@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dualpipe.config import Recipe
+from megatron_dualpipe.config.stage_split import megatron_layout
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.distributed import process_groups
@@ -67,11 +68,20 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
 
 def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_te: bool,
                 router_cls=None):
+    """One `GPTModel` chunk holding exactly the layers of `placement`'s stage.
+
+    The chunk gets its own config copy whose pipeline layout is its stage (`chunk_config`), and
+    a pipeline group that reports the chunk's stage rank (`PipelineRankView`) for Megatron's
+    first/last-stage checks. For DualPipe(V) the chunks keep no embedding group: the copies of
+    the word embedding that sit on one rank (tied head, MTP) are summed by the schedule.
+    """
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_dualpipe.model.chunk_layout import chunk_config
+
+    config = chunk_config(config, megatron_layout(recipe), placement)
     block, mtp = layer_specs(config, placement, use_te, router_cls)
-    pp = recipe.parallel.pp
-    stage_rank = placement.stage_rank if pp > 1 else None
+    ours = recipe.parallel.schedule in ("dualpipe", "dualpipev")
     chunk = GPTModel(
         config=config,
         transformer_layer_spec=block,
@@ -83,23 +93,28 @@ def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_t
         position_embedding_type="rope",
         rotary_base=recipe.model.rotary_base,
         mtp_block_spec=mtp,
-        pg_collection=process_groups(stage_rank),
+        pg_collection=process_groups(placement.stage_rank, embedding_group=not ours),
         vp_stage=placement.vp_stage,
     )
+    built = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+    expected = list(config.pipeline_model_parallel_layout.layer_range())
+    if built != expected:
+        raise RuntimeError(f"stage {placement.stage}: built decoder layers {built}, "
+                           f"expected {expected} (Megatron-Core layout not honoured)")
     chunk.placement = placement
     return chunk.to(device)
 
 
 def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp: bool = True):
-    """This rank's model chunks (DDP-wrapped), initialized independently of the layout."""
+    """This rank's model chunks (DDP-wrapped), initialized independently of the layout.
+
+    Every chunk builds the global decoder-layer range of its stage from
+    `config.stage_split` (even split or `parallel.layers_per_stage`). Returns the shared
+    config (the one the DDP wrappers and schedules use) and the chunks.
+    """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel
 
-    if recipe.parallel.layers_per_stage is not None:
-        raise ValueError(
-            "parallel.layers_per_stage (an uneven layer split) is validated and used by `plan`, "
-            "but the model builder supports even splits only; remove it to train"
-        )
     config = transformer_config(recipe, device)
     use_te = use_transformer_engine(recipe, device)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

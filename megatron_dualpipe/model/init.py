@@ -18,11 +18,18 @@ _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
 _LOCAL_EXPERT = re.compile(r"^(.*experts\.local_experts\.)(\d+)(\..*)$")
 _TE_EXPERT = re.compile(r"^(.*experts\.linear_fc[12]\.weight)(\d+)$")
 _OUTPUT_PROJ = ("linear_proj.weight", "linear_fc2.weight")
+_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def global_param_name(chunk, local_name: str, ep_rank: int, num_local_experts: int) -> str:
-    """Rename `decoder.layers.<local>` and local expert indices to global indices."""
+    """Rename `decoder.layers.<local>` and local expert indices to global indices.
+
+    A tied output head on a chunk without the embedding (a later pipeline stage) is a copy of
+    the word embedding and gets its name, as in the unsplit model.
+    """
     name = local_name.removeprefix("module.")
+    if name == "output_layer.weight" and _is_tied_head_copy(chunk):
+        return _EMBEDDING
     match = _LAYER.match(name)
     if match:
         layer = chunk.decoder.layers[int(match.group(2))]
@@ -34,6 +41,12 @@ def global_param_name(chunk, local_name: str, ep_rank: int, num_local_experts: i
             expert = _logical_expert(chunk, local_name, expert)  # EPLB replicas
             name = f"{match.group(1)}{expert}{match.group(3) if pattern is _LOCAL_EXPERT else ''}"
     return name
+
+
+def _is_tied_head_copy(chunk) -> bool:
+    return (getattr(chunk, "share_embeddings_and_output_weights", False)
+            and not getattr(chunk, "pre_process", True)
+            and not getattr(chunk, "mtp_process", False))
 
 
 # --- EPLB (megatron_dualpipe/eplb): a replica slot starts as a copy of its logical expert ---

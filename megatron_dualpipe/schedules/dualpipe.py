@@ -14,8 +14,11 @@ simulator uses), on its two model chunks (`model/layout.py`):
   (`overlap.py`): an FB interleaves the forward of one chunk with the backward of the other,
   layer by layer, all-to-alls on the communication stream (sequential on CPU, same numerics).
 
-After the last action: wait for sends, sum DualPipe's mirror copies, call
-`config.finalize_model_grads_func` like Megatron's own schedules.
+After the last action: wait for sends, sum DualPipe's mirror copies and the rank's
+word-embedding copies (`mirror.py`), call `config.finalize_model_grads_func` like Megatron's
+own schedules (whose embedding-group all-reduce then has nothing left to do: see
+`distributed.embedding_ranks`). With parallel.pp=1 (DualPipeV only) there is no
+peer rank: both stages are local, every hand-off is the local turn, and no P2P group exists.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.schedules import actions as A
-from megatron_dualpipe.schedules.mirror import sum_mirror_grads
+from megatron_dualpipe.schedules.mirror import (
+    embedding_copies,
+    sum_embedding_copies,
+    sum_mirror_grads,
+)
 from megatron_dualpipe.schedules.p2p import ACT, GRAD, Links
 from megatron_dualpipe.schedules.te_wgrad import deferral_for
 from megatron_dualpipe.schedules.wgrad import WeightGradQueue, WeightGradStore
@@ -184,6 +191,20 @@ def _activation_shape(config, seq_length: int, micro_batch_size: int, tp_size: i
     return (seq, micro_batch_size, config.hidden_size)
 
 
+def _check_embedding_group(model) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_pg_size
+
+    if get_pg_size(parallel_state.get_embedding_group(check_initialized=False)) > 1 and (
+            embedding_copies(model)):
+        raise RuntimeError(
+            "DualPipe/DualPipeV sum the word-embedding copies (tied head, MTP) on their rank; "
+            "Megatron's embedding group would sum them again across ranks. Initialize with "
+            "initialize_model_parallel(get_embedding_ranks="
+            "megatron_dualpipe.distributed.embedding_ranks)"
+        )
+
+
 def _pipeline_ranks() -> list[int]:
     from megatron.core import parallel_state
 
@@ -220,6 +241,7 @@ def _forward_backward(
             "with megatron_dualpipe.model.build_model"
         )
     config = get_model_config(model[0])
+    _check_embedding_group(model)
     pp_ranks = _pipeline_ranks()
     A.validate(schedule, len(pp_ranks), num_microbatches)
     device = next(model[0].parameters()).device
@@ -253,6 +275,7 @@ def _forward_backward(
         raise RuntimeError(f"{schedule}: work left after the last action (schedule bug)")
     if schedule == "dualpipe":
         sum_mirror_grads(model, pp_ranks)
+    sum_embedding_copies(model)
     if config.finalize_model_grads_func is not None:
         config.finalize_model_grads_func(
             model,

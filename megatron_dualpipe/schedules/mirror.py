@@ -1,8 +1,15 @@
-"""DualPipe keeps every stage twice: on rank r (chunk 0) and rank pp-1-r (chunk 1).
+"""Parameters that DualPipe/DualPipeV keep more than once; their gradients are summed.
 
-Each copy sees half of the micro-batches, so before Megatron's gradient finalization the two
-copies' gradients (and the routers' token counts that drive the expert-bias update) are summed
-across the mirror pair; both copies then take the same optimizer step and stay identical.
+DualPipe keeps every stage twice: on rank r (chunk 0) and rank pp-1-r (chunk 1). Each copy
+sees half of the micro-batches, so before Megatron's gradient finalization the two copies'
+gradients (and the routers' token counts that drive the expert-bias update) are summed across
+the mirror pair; both copies then take the same optimizer step and stay identical.
+
+Word-embedding copies: a tied output head or an MTP block on the last stage keeps a copy of
+the stage-0 word embedding. Megatron sums those over its embedding group (first and last
+pipeline *rank*); in DualPipe(V) the last stage sits on a rank that also holds stage 0 (rank 0
+for DualPipeV; ranks 0 and pp-1 for DualPipe), so the copies are summed on the rank
+(`sum_embedding_copies`) and the chunks are built without Megatron's embedding group.
 """
 
 from __future__ import annotations
@@ -67,3 +74,39 @@ def sum_mirror_grads(model: list, pp_ranks: list[int]) -> None:
         dist.all_reduce(flat, group=group)
         for t, summed in zip(same, _unflatten_dense_tensors(flat, same)):
             t.copy_(summed)
+
+
+def embedding_copies(model: list) -> list[torch.nn.Parameter]:
+    """This rank's copies of the word embedding, stage-0 embedding first.
+
+    Megatron's `shared_embedding_or_output_weight` of every chunk that shares it (tied
+    embeddings or MTP): the embedding of a stage-0 chunk, the head or MTP embedding of a
+    last-stage chunk.
+    """
+    from megatron.core.utils import get_attr_wrapped_model
+
+    first, later = [], []
+    for chunk in model:
+        module = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        if not (module.share_embeddings_and_output_weights or module.config.mtp_num_layers):
+            continue
+        weight = module.shared_embedding_or_output_weight()
+        if weight is not None and all(weight is not w for w in first + later):
+            (first if module.pre_process else later).append(weight)
+    return first + later
+
+
+def sum_embedding_copies(model: list) -> None:
+    """Sum the gradients of this rank's word-embedding copies into each of them (in place)."""
+    copies = embedding_copies(model)
+    if len(copies) < 2:
+        return
+    grads = [getattr(w, "main_grad", None) if getattr(w, "main_grad", None) is not None
+             else w.grad for w in copies]
+    if any(g is None for g in grads):
+        return  # frozen embedding
+    total = grads[0].clone()
+    for grad in grads[1:]:
+        total += grad
+    for grad in grads:
+        grad.copy_(total)
