@@ -56,9 +56,14 @@ def is_deferrable(module) -> bool:
 
 
 def _store_class():
-    from transformer_engine.pytorch.module.base import WeightGradStore as TEWeightGradStore
+    import importlib
 
-    return TEWeightGradStore
+    for name in ("transformer_engine.pytorch.module._common", "transformer_engine.pytorch.utils",
+                 "transformer_engine.pytorch.module.base"):
+        store = getattr(importlib.import_module(name), "WeightGradStore", None)
+        if store is not None:
+            return store
+    raise ImportError("Transformer Engine's WeightGradStore not found")
 
 
 class TEWeightGradDeferral:
@@ -68,10 +73,10 @@ class TEWeightGradDeferral:
 
     def __init__(self, modules: Iterable, store_class=None) -> None:
         self.modules = [m for m in modules if is_deferrable(m)]
-        make_store = store_class or (_store_class() if self.modules else None)
         for module in self.modules:
             store = module.wgrad_store
             if store is None or getattr(store, "context", None) is None:
+                make_store = store_class or (type(store) if store is not None else _store_class())
                 module.wgrad_store = make_store(True)
             module.wgrad_store.enabled = False
 
