@@ -404,3 +404,27 @@ def test_load_raw_resolves_includes_without_validation(tmp_path):
     write(tmp_path / "base.yaml", "train: {steps: 10}\n")
     top = write(tmp_path / "top.yaml", "include: base.yaml\nmodel: {hiden_size: 1}\n")
     assert load_raw(top) == {"train": {"steps": 10}, "model": {"hiden_size": 1}}
+
+
+def test_expert_capacity_maps_onto_megatron():
+    from megatron_dualpipe.config import load_recipe
+
+    recipe = load_recipe(TINY, ["moe.capacity_factor=1.25", "moe.pad_to_capacity=true"])
+    kw = transformer_config_kwargs(recipe, torch.device("cpu"))
+    assert kw["moe_expert_capacity_factor"] == 1.25 and kw["moe_pad_expert_input_to_capacity"]
+    default = transformer_config_kwargs(load_recipe(TINY), torch.device("cpu"))
+    assert default["moe_expert_capacity_factor"] is None  # DeepSeek-V3 drops no tokens
+    assert not default["moe_pad_expert_input_to_capacity"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["moe.pad_to_capacity=true"], "moe.pad_to_capacity=true needs moe.capacity_factor"),
+    (["moe.capacity_factor=1.0", "moe.token_dispatcher=allgather"],
+     "moe.capacity_factor needs moe.token_dispatcher=alltoall"),
+    (["moe.capacity_factor=0"], "capacity_factor"),
+])
+def test_expert_capacity_rules(overrides, match):
+    from megatron_dualpipe.config import load_recipe
+
+    with pytest.raises(ValueError, match=match):
+        load_recipe(TINY, overrides)

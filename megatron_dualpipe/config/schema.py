@@ -77,6 +77,17 @@ class MoEConfig(Section):
     seq_aux_loss_coeff: float = Field(0.0, ge=0)
     token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
     grouped_gemm: bool = False
+    capacity_factor: Optional[float] = Field(
+        None, gt=0,
+        description="expert capacity as a multiple of the balanced load (Megatron "
+        "moe_expert_capacity_factor); None: no token dropping, as DeepSeek-V3 trains",
+    )
+    pad_to_capacity: bool = Field(
+        False,
+        description="pad every expert's input to its capacity (Megatron "
+        "moe_pad_expert_input_to_capacity): all-to-all sizes known without a device-to-host "
+        "sync; needs capacity_factor",
+    )
     router_dtype: Literal["fp32", "fp64"] = "fp32"
     router_bias_init: float = Field(
         0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"

@@ -75,6 +75,8 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         moe_aux_loss_coeff=moe.seq_aux_loss_coeff,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_grouped_gemm=moe.grouped_gemm and on_gpu,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_router_dtype=moe.router_dtype,
         moe_permute_fusion=False,
         # MTP

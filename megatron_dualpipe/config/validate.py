@@ -138,6 +138,16 @@ def check_moe(recipe: Recipe) -> None:
             f"{what} = {physical} is not divisible by parallel.ep={p.ep}; valid parallel.ep: "
             f"{_divisors(physical)}"
         )
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ValueError("moe.pad_to_capacity=true needs moe.capacity_factor (e.g. 1.25)")
+    if moe.capacity_factor is not None and moe.token_dispatcher != "alltoall":
+        raise ValueError(
+            f"moe.capacity_factor needs moe.token_dispatcher=alltoall (got "
+            f"{moe.token_dispatcher}); allowed values: alltoall"
+        )
+    if moe.capacity_factor is not None and recipe.eplb.enabled:
+        raise ValueError("moe.capacity_factor cannot be combined with eplb.enabled=true "
+                         "(capacities are per physical slot, EPLB routes over replicas)")
     if (moe.num_groups is None) != (moe.group_topk is None):
         raise ValueError("moe.num_groups and moe.group_topk must be set together (or neither)")
     if moe.num_groups is not None:
