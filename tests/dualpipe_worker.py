@@ -45,11 +45,17 @@ def global_grads(state) -> dict[str, torch.Tensor]:
     return grads
 
 
-def run_steps(overrides: list[str], num_steps: int) -> dict:
+def run_steps(overrides: list[str], num_steps: int, config_fields: dict | None = None) -> dict:
     """One forward-only step, then `num_steps` training steps on the tiny recipe; per-call
     micro-batch losses, the first step's final gradients, and how many weight GEMMs were
-    deferred."""
+    deferred. `config_fields` overrides TransformerConfig fields the recipe does not map."""
     import torch.distributed as dist
+
+    if config_fields:
+        from megatron_dualpipe.config import to_megatron
+
+        mapped = to_megatron.transformer_config_kwargs
+        to_megatron.transformer_config_kwargs = lambda *a: {**mapped(*a), **config_fields}
 
     from megatron_dualpipe.config import load_recipe
     from megatron_dualpipe.data import make_source

@@ -2,7 +2,8 @@
 
 DualPipeV PP=2 x EP=2 (4 gloo processes), DualPipeV and DualPipe PP=2 x EP=1 (2 processes;
 no all-to-all, the plan keeps its node inputs), DualPipeV PP=1 x EP=2 (2 processes: both
-stages of the V on one rank, every hand-off local) on the tiny MoE, a forward-only call and then
+stages of the V on one rank, every hand-off local; also with MTP), DualPipeV PP=2 x EP=2 with
+a stage without decoder layers, on the tiny MoE, a forward-only call and then
 NUM_STEPS training steps with Adam: with overlap every F, B and FB runs through Megatron-Core's
 schedule plans (attention / dispatch / experts / combine nodes; FB = forward plan of one chunk
 interleaved with the backward plan of the other). On CPU the nodes run in program order, and
@@ -91,17 +92,25 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
 
 
 @functools.cache
-def _run(schedule: str, pp: int, ep: int, overlap: bool) -> list[dict]:
-    overrides = [f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.schedule={schedule}"]
+def _run(schedule: str, pp: int, ep: int, overlap: bool, extra: tuple = ()) -> list[dict]:
+    overrides = [f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.schedule={schedule}",
+                 *extra]
     return run_distributed(run_steps, pp * ep, (overrides, NUM_STEPS, overlap))
 
 
+UNEVEN = ("model.num_layers=6", "parallel.layers_per_stage=[2,0,2,2]")
+MTP = ("model.mtp_num_layers=1",)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule,pp,ep", [("dualpipev", 2, 2), ("dualpipev", 2, 1),
-                                             ("dualpipe", 2, 1), ("dualpipev", 1, 2)])
-def test_overlap_matches_sequential(schedule, pp, ep):
-    off = _run(schedule, pp, ep, False)
-    on = _run(schedule, pp, ep, True)
+@pytest.mark.parametrize("schedule,pp,ep,extra", [
+    ("dualpipev", 2, 2, ()), ("dualpipev", 2, 1, ()), ("dualpipe", 2, 1, ()),
+    ("dualpipev", 1, 2, ()), ("dualpipev", 2, 2, UNEVEN), ("dualpipev", 1, 2, MTP),
+], ids=["dualpipev-pp2-ep2", "dualpipev-pp2-ep1", "dualpipe-pp2-ep1", "dualpipev-pp1-ep2",
+        "dualpipev-pp2-ep2-uneven-2022", "dualpipev-pp1-ep2-mtp"])
+def test_overlap_matches_sequential(schedule, pp, ep, extra):
+    off = _run(schedule, pp, ep, False, extra)
+    on = _run(schedule, pp, ep, True, extra)
     assert all(r["num_fused"] == 0 for r in off)
     assert all(r["num_fused"] > 0 for r in on)  # FB pairs really ran as fused plans
     assert all(r["num_deferred"] > 0 for r in on)  # standalone B still split (zero bubble)

@@ -5,8 +5,10 @@ dualpipe pp (each held twice, by mirror ranks), dualpipev 2*pp. Stage 0 also hol
 embedding, the last stage the final norm, the MTP block and the output head.
 
 Without `layers_per_stage` the split must be even (the rule is `validate.check_layers`);
-with it, any split that sums to `model.num_layers` is allowed, e.g. DeepSeek-V3's 61 layers
-over 16 DualPipe stages.
+with it, any split of counts >= 0 that sums to `model.num_layers` is allowed, e.g.
+DeepSeek-V3's 61 layers over 16 DualPipe stages. A stage may hold no decoder layers (only the
+embedding, only the head/MTP, or nothing: Megatron-Core builds it, tests/test_dualpipe_exact.py).
+The model builder gives each chunk exactly its stage's range (`model/chunk_layout.py`).
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def check_stage_split(recipe: Recipe) -> None:
 def megatron_layout(recipe: Recipe) -> list[list[str]]:
     """`TransformerConfig.pipeline_model_parallel_layout` rows, one per stage, in stage order.
 
-    Megatron indexes the rows by `vp_stage * pp + pp_rank`; with the `stage_rank` offsets of
-    `model/layout.py` that index equals our stage index for every schedule.
+    Megatron's own layout indexes the rows by `vp_stage * pp + pp_rank`; our chunks bind the
+    rows to their stage instead (`model.chunk_layout.ChunkLayout`).
     """
     sizes = stage_sizes(recipe)
     rows = []

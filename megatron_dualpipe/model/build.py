@@ -42,8 +42,10 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
     """Decoder block spec (and MTP spec) for one chunk, with an optional router class."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
+        get_gpt_decoder_layer_specs,
         get_gpt_mtp_block_spec,
     )
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     block = get_gpt_decoder_block_spec(
         config,
@@ -52,18 +54,30 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
         vp_stage=placement.vp_stage,
         pp_rank=placement.stage_rank,
     )
-    if router_cls is not None:
-        for layer_spec in block.layer_specs:
-            mlp = layer_spec.submodules.mlp
-            if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
-                mlp.submodules.router = router_cls
+    _set_router(block.layer_specs, router_cls)
     mtp = None
     if config.mtp_num_layers and placement.post_process:
+        # Megatron's MTP layer copies the spec of the model's last decoder layer, which it
+        # takes from this stage's block; a last stage without decoder layers gets it here.
+        source = block
+        if not block.layer_specs:
+            last = get_gpt_decoder_layer_specs(config, use_te, normalization="RMSNorm")[-1:]
+            _set_router(last, router_cls)
+            source = TransformerBlockSubmodules(layer_specs=last, layer_norm=block.layer_norm)
         mtp = get_gpt_mtp_block_spec(
-            config, block, use_transformer_engine=use_te, vp_stage=placement.vp_stage,
+            config, source, use_transformer_engine=use_te, vp_stage=placement.vp_stage,
             pp_rank=placement.stage_rank,
         )
     return block, mtp
+
+
+def _set_router(specs, router_cls) -> None:
+    if router_cls is None:
+        return
+    for layer_spec in specs:
+        mlp = layer_spec.submodules.mlp
+        if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
+            mlp.submodules.router = router_cls
 
 
 def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_te: bool,

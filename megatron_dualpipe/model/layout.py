@@ -1,13 +1,15 @@
 """Which pipeline stages each rank's model chunks hold, per schedule.
 
-A *stage* is a contiguous slice of the decoder layers; stage 0 holds the embedding and the
-last stage the output head and loss. `ChunkPlacement.stage_rank` is the pipeline rank whose
-layer offset Megatron-Core computes for that chunk (see `PipelineRankView`).
+A *stage* is a contiguous slice of the decoder layers (`config.stage_split.layers_of_stage`:
+the even split or `parallel.layers_per_stage`); stage 0 holds the embedding and the last stage
+the output head and loss. Each chunk builds exactly its stage's layers (`chunk_layout.py`).
+`ChunkPlacement.stage_rank` is the pipeline rank the chunk's process groups report to
+Megatron-Core's first/last-stage checks (see `PipelineRankView`).
 
 - 1f1b: one chunk, stage = rank (pp stages).
 - interleaved: vpp chunks, chunk v on rank r is stage v*pp + r (Megatron's own layout).
 - dualpipev: rank r holds stage r (chunk 0) and stage 2*pp-1-r (chunk 1); 2*pp stages, so the
-  embedding and the head both live on rank 0.
+  embedding and the head both live on rank 0. pp=1 is allowed: rank 0 holds stages 0 and 1.
 - dualpipe: pp stages, each held twice: rank r holds stage r of the pipe that enters at rank 0
   (chunk 0) and stage r of the pipe that enters at rank pp-1 (chunk 1), which is model stage
   pp-1-r. Mirror ranks r and pp-1-r hold the same layers; their gradients are summed.
@@ -55,8 +57,3 @@ def chunk_placements(schedule: str, pp: int, rank: int, vpp: int | None = None):
         f"parallel.schedule={schedule!r}: allowed values: 1f1b, interleaved, dualpipe, dualpipev"
     )
 
-
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """Global decoder-layer indices of `stage` (layers split evenly, validated upstream)."""
-    per_stage = num_layers // num_stages
-    return range(stage * per_stage, (stage + 1) * per_stage)

@@ -191,6 +191,16 @@ def _activation_shape(config, seq_length: int, micro_batch_size: int, tp_size: i
     return (seq, micro_batch_size, config.hidden_size)
 
 
+def _device(model) -> torch.device:
+    """The chunks' device (a chunk of a stage with no decoder layers may have no parameters)."""
+    for chunk in model:
+        for param in chunk.parameters():
+            return param.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _check_embedding_group(model) -> None:
     from megatron.core import parallel_state
     from megatron.core.utils import get_pg_size
@@ -244,7 +254,7 @@ def _forward_backward(
     _check_embedding_group(model)
     pp_ranks = _pipeline_ranks()
     A.validate(schedule, len(pp_ranks), num_microbatches)
-    device = next(model[0].parameters()).device
+    device = _device(model)
     links = Links(
         pp_ranks,
         _activation_shape(config, seq_length, micro_batch_size,
