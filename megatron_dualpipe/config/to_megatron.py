@@ -58,6 +58,9 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         apply_rope_fusion=False,
         masked_softmax_fusion=on_gpu,
         gradient_accumulation_fusion=False,
+        # Megatron's batched P2P (interleaved 1F1B) mixes up a rank pair's activation and
+        # gradient messages on gloo (wrong losses from the 2nd micro-batch); NCCL is fine.
+        batch_p2p_comm=on_gpu,
         deterministic_mode=recipe.train.deterministic and not on_gpu,
         # MoE
         num_moe_experts=num_physical_experts(recipe) if num_moe_layers else None,
