@@ -91,6 +91,9 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
     if m.attention == "mla":
         kw.update(
             multi_latent_attention=True,
+            # Megatron's MLA applies q/kv layernorms to the latents: DeepSeek-V3's
+            # q_a_layernorm and kv_a_layernorm.
+            qk_layernorm=True,
             q_lora_rank=m.mla.q_lora_rank,
             kv_lora_rank=m.mla.kv_lora_rank,
             qk_head_dim=m.mla.qk_head_dim,
