@@ -407,8 +407,8 @@ def main(argv=None) -> int:
 
     if not args.cpu_smoke and (not torch.cuda.is_available()
                                or torch.cuda.device_count() < args.gpus):
-        print(f"overlap_bench --gpus {args.gpus} needs {args.gpus} CUDA GPUs (use --dry-run for the plan)",
-              file=sys.stderr)
+        print(f"overlap_bench --gpus {args.gpus} needs {args.gpus} CUDA GPUs "
+              "(use --dry-run for the plan)", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="overlap_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
