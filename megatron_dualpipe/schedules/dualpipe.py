@@ -61,7 +61,8 @@ class _Executor:
     """State of one forward-backward call on one pipeline rank."""
 
     def __init__(self, schedule, forward_step_func, batches, model, num_microbatches, config,
-                 links, pp_ranks, forward_only, collect_non_loss_data, overlap=False):
+                 links, pp_ranks, forward_only, collect_non_loss_data, overlap=False,
+                 first_val_step=None):
         from megatron.core.pipeline_parallel import schedules as mcore
 
         self.mcore = mcore
@@ -82,6 +83,8 @@ class _Executor:
         self.local: dict[tuple[str, int, int], torch.Tensor] = {}
         self.wgrads = WeightGradQueue()
         self.forward_data_store: list = []
+        self.first_val_step = first_val_step
+        self._forwarded_chunks: set[int] = set()
         self.total_num_tokens = torch.zeros([], dtype=torch.int, device=links.device)
         # [overlap] F/B/FB through schedule plans (schedules/overlap.py)
         self.fused = None
@@ -123,6 +126,15 @@ class _Executor:
             self.links.send(tensor, self.pp_ranks[dst_rank], kind)
 
     # -- compute -----------------------------------------------------------------------
+    def is_first_microbatch(self, chunk: int) -> bool:
+        """Whether this is `chunk`'s first forward of the call (Megatron's rule, with
+        `first_val_step` in evaluation). Transformer Engine re-quantizes and caches the FP8
+        weights on a chunk's first micro-batch and reuses the cache for the others, so this
+        must be true once per step and chunk or FP8 runs on the previous step's weights."""
+        first = chunk not in self._forwarded_chunks
+        self._forwarded_chunks.add(chunk)
+        return self.mcore.check_first_val_step(self.first_val_step, self.forward_only, first)
+
     def forward(self, chunk: int, microbatch: int) -> None:
         placement = self.placements[chunk]
         input_tensor = None if placement.pre_process else self._recv(chunk, microbatch, ACT)
@@ -138,6 +150,7 @@ class _Executor:
             self.config,
             cp_group_size=1,
             collect_non_loss_data=self.collect_non_loss_data,
+            is_first_microbatch=self.is_first_microbatch(chunk),
             current_microbatch=microbatch,
             vp_stage=placement.vp_stage,
             is_last_stage=placement.post_process,
@@ -265,7 +278,7 @@ def _forward_backward(
     batches = _microbatches(data_iterator, 2, num_microbatches)
     executor = _Executor(schedule, forward_step_func, batches, model, num_microbatches, config,
                          links, pp_ranks, forward_only, collect_non_loss_data,
-                         overlap=overlap)  # [overlap]
+                         overlap=overlap, first_val_step=first_val_step)  # [overlap]
     if forward_only:
         with torch.no_grad():
             executor.run_forward_only()

@@ -145,6 +145,8 @@ class FusedChunks:
 
         ex = self.ex
         model = ex.model[chunk]
+        if ex.is_first_microbatch(chunk) and hasattr(model, "set_is_first_microbatch"):
+            model.set_is_first_microbatch()  # refresh TE's FP8 weight cache (see the executor)
         set_current_microbatch(model, microbatch)
         get_attr_wrapped_model(model, "set_input_tensor")([input_tensor])
         batches = ex.batches[chunk]
