@@ -24,6 +24,8 @@ import pytest
 
 from megatron_dualpipe.testing import run_distributed
 
+pytestmark = pytest.mark.slow  # multi-process gloo runs
+
 NUM_STEPS = 5
 COMMON = ["model.num_layers=8", "train.global_batch_size=32", "train.micro_batch_size=2"]
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process gloo runs
+
 STEPS = 6
 
 

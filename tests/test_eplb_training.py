@@ -18,6 +18,8 @@ import torch
 
 from megatron_dualpipe.testing import run_distributed
 
+pytestmark = pytest.mark.slow  # multi-process gloo runs
+
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_moe_cpu.yaml"
 BASE = ["parallel.pp=1", "model.num_layers=2", "train.global_batch_size=8",
         "eplb.window=4", "eplb.interval=1000"]
