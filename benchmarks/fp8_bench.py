@@ -800,6 +800,60 @@ def _dg_version():
 # =============================================================================================
 
 
+# First match wins (lower-case substrings of CUDA kernel names).
+KERNEL_CATEGORIES = (
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "fused_attn", "attn_fwd", "attn_bwd", "cudnn")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "grouped_mm")),
+    ("FP8 quantize/cast", ("quantize", "cast_transpose", "amax", "compute_scale", "fp8",
+                           "block_scaled", "dequant")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("norm", ("rmsnorm", "layernorm", "layer_norm", "rms_norm")),
+    ("MoE routing/permute", ("permute", "topk", "sort", "scatter", "gather", "index", "histc",
+                             "bincount", "cumsum", "radix")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(k in lower for k in keys):
+            return category
+    return "elementwise/other"
+
+
+def kernel_breakdown(events) -> dict[str, float]:
+    """GPU kernel time (ms) per category from `torch.profiler` key averages of CUDA kernels
+    (`events`: objects with `.key` and `.self_device_time_total` in microseconds)."""
+    totals: dict[str, float] = {}
+    for e in events:
+        us = getattr(e, "self_device_time_total", 0) or 0
+        if us <= 0:
+            continue
+        category = kernel_category(e.key)
+        totals[category] = totals.get(category, 0.0) + us / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def profile_one_step(state, source, step: int) -> dict:
+    """Wall time and per-category GPU kernel time of one extra training step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_dualpipe import train as T
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        T.train_step(state, source, step)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3
+    kernels = [e for e in prof.key_averages()
+               if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    breakdown = kernel_breakdown(kernels)
+    return {"wall_ms": wall_ms, "kernels_ms": breakdown, "busy_ms": sum(breakdown.values())}
+
+
 def proxy_overrides(args, variant: str) -> list[str]:
     base = DEFAULT_PROXY_SET if args.proxy_default_set else []
     return [*base, *args.proxy_set, *PROXY_VARIANTS[variant],
@@ -838,10 +892,15 @@ def worker_proxy(args) -> dict:
     recipe = load_recipe(ROOT / args.proxy_recipe, overrides)
     steps = args.proxy_warmup + args.proxy_steps
 
-    def after(state, _source):
+    def after(state, source):
         report = fp8_module_report(state.model)
+        profiled = None
+        try:  # one extra step (the last step's data again) under the profiler
+            profiled = profile_one_step(state, source, steps - 1)
+        except Exception as err:  # the timing above stands without it
+            profiled = {"error": _short(err)}
         return {"flops_per_token": _activated_flops_per_token(recipe, state.model[0].module),
-                "fp8_summary": report["summary"],
+                "fp8_summary": report["summary"], "profile": profiled,
                 "params": sum(p.numel() for c in state.model for p in c.parameters())}
 
     run = run_training(recipe, steps, cache=True, after=after)
@@ -855,6 +914,7 @@ def worker_proxy(args) -> dict:
         "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
         "tflops": info["flops_per_token"] * tokens / step_s / 1e12,
         "params": info["params"], "fp8_summary": info["fp8_summary"],
+        "profile": info.get("profile"),
         "max_memory_gb": run["max_memory_gb"], "losses": run["losses"],
         "cuda_mem_total_gb": torch.cuda.get_device_properties(0).total_memory / 2**30,
     }
@@ -992,6 +1052,24 @@ def proxy_table(proxy: dict) -> list[str]:
         loss = f"{losses[0]:.3f} / {losses[-1]:.3f}" if losses else "-"
         out.append(f"| {name} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | "
                    f"{r['tflops']:.0f} | {r['max_memory_gb']:.1f} | {loss} | {fp8_mods} |")
+    return out + [""] + profile_table(proxy)
+
+
+def profile_table(proxy: dict) -> list[str]:
+    """GPU kernel time per category of one profiled step per variant (ms)."""
+    profiles = {n: r.get("profile") for n, r in proxy.items()
+                if isinstance(r.get("profile"), dict) and "kernels_ms" in r["profile"]}
+    if not profiles:
+        return []
+    categories = [c for c, _ in KERNEL_CATEGORIES] + ["elementwise/other"]
+    used = [c for c in categories if any(p["kernels_ms"].get(c) for p in profiles.values())]
+    out = ["One extra step per variant under `torch.profiler` (GPU kernel time per category, ms; "
+           "busy = sum of kernels; wall includes profiler overhead):", "",
+           "| variant | wall | busy | " + " | ".join(used) + " |",
+           "|---|---:|---:|" + "---:|" * len(used)]
+    for name, p in profiles.items():
+        cells = " | ".join(f"{p['kernels_ms'].get(c, 0.0):.1f}" for c in used)
+        out.append(f"| {name} | {p['wall_ms']:.0f} | {p['busy_ms']:.0f} | {cells} |")
     return out
 
 
