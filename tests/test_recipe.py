@@ -407,12 +407,10 @@ def test_load_raw_resolves_includes_without_validation(tmp_path):
 
 
 def test_expert_capacity_maps_onto_megatron():
-    from megatron_dualpipe.config import load_recipe
-
-    recipe = load_recipe(TINY, ["moe.capacity_factor=1.25", "moe.pad_to_capacity=true"])
-    kw = transformer_config_kwargs(recipe, torch.device("cpu"))
+    kw = transformer_config_kwargs(tiny("moe.capacity_factor=1.25", "moe.pad_to_capacity=true"),
+                                   CPU)
     assert kw["moe_expert_capacity_factor"] == 1.25 and kw["moe_pad_expert_input_to_capacity"]
-    default = transformer_config_kwargs(load_recipe(TINY), torch.device("cpu"))
+    default = transformer_config_kwargs(tiny(), CPU)
     assert default["moe_expert_capacity_factor"] is None  # DeepSeek-V3 drops no tokens
     assert not default["moe_pad_expert_input_to_capacity"]
 
@@ -424,7 +422,4 @@ def test_expert_capacity_maps_onto_megatron():
     (["moe.capacity_factor=0"], "capacity_factor"),
 ])
 def test_expert_capacity_rules(overrides, match):
-    from megatron_dualpipe.config import load_recipe
-
-    with pytest.raises(ValueError, match=match):
-        load_recipe(TINY, overrides)
+    assert match in error_of(*overrides)
