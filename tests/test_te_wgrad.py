@@ -103,7 +103,7 @@ def test_deferred_te_weight_grads_equal_the_plain_backward(main_grad):
     if main_grad:  # Megatron DDP: gradients live in main_grad, param.grad stays None
         for p in model.parameters():
             p.main_grad = torch.zeros_like(p)
-    deferral = TEWeightGradDeferral.of_chunks([model], store_class=FakeStore)
+    deferral = TEWeightGradDeferral.of_chunks([model])
     assert len(deferral) == 2
     WeightGradStore.te = deferral
     try:
@@ -129,7 +129,7 @@ def test_deferred_te_weight_grads_equal_the_plain_backward(main_grad):
 def test_backward_outside_collect_is_not_deferred():
     ref, model = _model(), _model()
     _loss(ref, 0).backward()
-    TEWeightGradDeferral.of_chunks([model], store_class=FakeStore)
+    TEWeightGradDeferral.of_chunks([model])
     _loss(model, 0).backward()
     for p_ref, p in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12)

@@ -39,7 +39,8 @@ def matching_modules(chunk, patterns: Iterable[str]) -> list[tuple[str, object]]
 
 
 def apply_bf16_modules(chunk, patterns: Iterable[str]) -> list[str]:
-    """Make the matching TE GEMM modules of `chunk` run in BF16; returns their names.
+    """Make the matching TE GEMM modules of `chunk` (an unwrapped model chunk, as
+    `build_model` has it before DDP) run in BF16; returns their names.
 
     No-op (empty list) without patterns. Modules that are not Transformer Engine wrappers
     (CPU/local specs) have no FP8 path and are never matched.
@@ -50,7 +51,7 @@ def apply_bf16_modules(chunk, patterns: Iterable[str]) -> list[str]:
     from megatron.core.quantization.quant_config import MatchContext, QuantizationConfig
 
     names = []
-    for name, module in matching_modules(_unwrap(chunk), patterns):
+    for name, module in matching_modules(chunk, patterns):
         layer = re.search(r"layers\.(\d+)", name)
         layer_number = int(layer.group(1)) if layer else None
         context = MatchContext(module_path=name, layer_number=layer_number)
@@ -67,8 +68,3 @@ def is_bf16_override(module) -> bool:
     recipe = params.training_recipe
     return recipe.fp8_quantization_recipe is None and recipe.fp4_quantization_recipe is None
 
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk

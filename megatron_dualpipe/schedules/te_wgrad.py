@@ -44,7 +44,7 @@ def _weights(module) -> list:
 
 def is_deferrable(module) -> bool:
     """A TE module whose weight gradients can be deferred here."""
-    if getattr(module, "wgrad_store", "missing") == "missing":
+    if getattr(module, "wgrad_store", None) is None:
         return False
     if _te_base_backward_dw(module) is None or not _weights(module):
         return False
@@ -55,34 +55,23 @@ def is_deferrable(module) -> bool:
     return not has_bias and not getattr(module, "use_bias", False)
 
 
-def _store_class():
-    import importlib
-
-    for name in ("transformer_engine.pytorch.module._common", "transformer_engine.pytorch.utils",
-                 "transformer_engine.pytorch.module.base"):
-        store = getattr(importlib.import_module(name), "WeightGradStore", None)
-        if store is not None:
-            return store
-    raise ImportError("Transformer Engine's WeightGradStore not found")
-
-
 class TEWeightGradDeferral:
     """The deferrable TE modules of some model chunks, with their delay switches."""
 
     num_deferred = 0  # TE weight GEMMs deferred so far in this process (for tests and logs)
 
-    def __init__(self, modules: Iterable, store_class=None) -> None:
+    def __init__(self, modules: Iterable) -> None:
         self.modules = [m for m in modules if is_deferrable(m)]
+        self._backward_dw = {id(m): _te_base_backward_dw(m) for m in self.modules}
         for module in self.modules:
             store = module.wgrad_store
-            if store is None or getattr(store, "context", None) is None:
-                make_store = store_class or (type(store) if store is not None else _store_class())
-                module.wgrad_store = make_store(True)
+            if store.context is None:  # built without delay: give it a delaying store
+                module.wgrad_store = type(store)(True)
             module.wgrad_store.enabled = False
 
     @classmethod
-    def of_chunks(cls, chunks: Iterable, store_class=None) -> TEWeightGradDeferral:
-        return cls((m for chunk in chunks for m in chunk.modules()), store_class)
+    def of_chunks(cls, chunks: Iterable) -> TEWeightGradDeferral:
+        return cls(m for chunk in chunks for m in chunk.modules())
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -107,10 +96,9 @@ class TEWeightGradDeferral:
         if pending:
             item.append(lambda: self._run(pending))
 
-    @staticmethod
-    def _run(pending) -> None:
+    def _run(self, pending) -> None:
         for module, count in pending:
-            backward_dw = _te_base_backward_dw(module)
+            backward_dw = self._backward_dw[id(module)]
             module.wgrad_store.enabled = True  # TE's backward_dw is a no-op when off
             try:
                 weights = _weights(module)
