@@ -12,33 +12,16 @@
 # Expected on 2 H100/H200: EPLB ~1.5 min (2 processes: imports + build ~30 s, 3 variants of
 # warm-up + 10 timed iterations), FP8 ~4 min (GEMM worker ~40 s, 3 proxy workers ~60 s each).
 # The timeouts below cap it at 10 min. Exit status: non-zero if a part failed.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-T0=$(date +%s)
-status=0
-log() { echo "[eplb_fp8_session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/eplb_fp8_session.log"; }
-log "GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | tr '\n' ' ')"
+SESSION=eplb_fp8_session
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+versions transformer-engine megatron-core sgl-deep-gemm
 
 log "1/2 benchmarks/eplb_train_bench.py (expected ~1.5 min)"
-t=$(date +%s)
-timeout 150 "$PY" benchmarks/eplb_train_bench.py 2>&1 | grep -v -i "warn\|deprecated" \
-  | tee "$OUT/eplb_train_bench.log"
-rc=${PIPESTATUS[0]}
-[ "$rc" -ne 0 ] && status=1
-log "eplb_train_bench: exit $rc after $(( $(date +%s) - t )) s"
+run_part eplb_train_bench 150 eplb_train_bench.log "$PY" benchmarks/eplb_train_bench.py
 
 log "2/2 benchmarks/fp8_bench.py (expected ~4-5 min)"
-t=$(date +%s)
-CUDA_VISIBLE_DEVICES=0 timeout 420 "$PY" benchmarks/fp8_bench.py --deepgemm-budget-s 100 \
-  --json "$OUT/fp8_bench.json" --worker-timeout-s 150 2>&1 | tee "$OUT/fp8_bench.log"
-rc=${PIPESTATUS[0]}
-[ "$rc" -ne 0 ] && status=1
-log "fp8_bench: exit $rc after $(( $(date +%s) - t )) s"
+run_part fp8_bench 420 fp8_bench.log env CUDA_VISIBLE_DEVICES=0 "$PY" benchmarks/fp8_bench.py \
+  --deepgemm-budget-s 100 --json "$OUT/fp8_bench.json" --worker-timeout-s 150
 
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 log "done: exit $status"

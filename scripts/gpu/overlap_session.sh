@@ -18,63 +18,28 @@
 # benchmark ~3-4 min (4 torchrun jobs of ~35-50 s: imports + build ~25 s, 2 + 5 + 1 steps of
 # < 1 s). Each part is capped at 7 min. Exit status: non-zero if a part failed (the later
 # parts still run).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+SESSION=overlap_session
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PARTS="${PARTS:-pytest bench}"  # which parts to run (one GPU call each fits the 10-min limit)
-# Never let NCCL/PyTorch/NVSHMEM use NVLink multicast on the lent machines.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-T0=$(date +%s)
-status=0
-log() { echo "[overlap_session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/overlap_session.log"; }
-
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-log "GPUs: $NGPU; $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
-"$PY" - <<'EOF' 2>&1 | grep -v -i warn | tee -a "$OUT/overlap_session.log"
-import importlib.metadata as md, torch
-def v(d):
-    try:
-        return md.version(d)
-    except md.PackageNotFoundError:
-        return "MISSING"
-print("torch", torch.__version__, "cuda", torch.version.cuda)
-for d in ("transformer-engine", "megatron-core", "pytest", "pydantic", "PyYAML"):
-    print(d, v(d))
-EOF
+versions transformer-engine megatron-core pytest pydantic PyYAML
 
 if [[ " $PARTS " == *" pytest "* ]]; then
   log "1/2 pytest tests/test_overlap_gpu.py (expected ~4 min)"
-  t=$(date +%s)
-  timeout 420 "$PY" -m pytest -q -s -rsx -m gpu -p no:cacheprovider tests/test_overlap_gpu.py \
-    2>&1 | tee "$OUT/overlap_pytest.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -ne 0 ] && status=1
-  log "pytest: exit $rc after $(( $(date +%s) - t )) s"
+  run_part pytest 420 overlap_pytest.log \
+    "$PY" -m pytest -q -s -rsx -m gpu -p no:cacheprovider tests/test_overlap_gpu.py
 fi
 
 if [[ " $PARTS " == *" bench "* ]]; then
   log "2/2 benchmarks/overlap_bench.py --gpus 2 (expected ~3-4 min)"
-  t=$(date +%s)
-  timeout 420 "$PY" benchmarks/overlap_bench.py --gpus 2 --timeout-s 110 \
-    --workdir "$OUT/bench2" --json "$OUT/overlap_bench_2gpu.json" 2>&1 \
-    | tee "$OUT/overlap_bench.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -ne 0 ] && status=1
-  log "overlap_bench --gpus 2: exit $rc after $(( $(date +%s) - t )) s"
+  run_part "overlap_bench --gpus 2" 420 overlap_bench.log "$PY" benchmarks/overlap_bench.py \
+    --gpus 2 --timeout-s 110 --workdir "$OUT/bench2" --json "$OUT/overlap_bench_2gpu.json"
 fi
 
 if [ "$NGPU" -ge 4 ]; then
   log "extra: benchmarks/overlap_bench.py --gpus 4 (DualPipeV PP=2 x EP=2; ~4 min)"
-  t=$(date +%s)
-  timeout 330 "$PY" benchmarks/overlap_bench.py --gpus 4 --timeout-s 120 \
-    --workdir "$OUT/bench4" --json "$OUT/overlap_bench_4gpu.json" 2>&1 \
-    | tee "$OUT/overlap_bench_4gpu.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -ne 0 ] && status=1
-  log "overlap_bench --gpus 4: exit $rc after $(( $(date +%s) - t )) s"
+  run_part "overlap_bench --gpus 4" 330 overlap_bench_4gpu.log "$PY" benchmarks/overlap_bench.py \
+    --gpus 4 --timeout-s 120 --workdir "$OUT/bench4" --json "$OUT/overlap_bench_4gpu.json"
 fi
 
 for dir in "$OUT"/bench*/traces_*/traces; do  # keep rank 0's trace of each variant
