@@ -84,6 +84,11 @@ def embedding_ranks(pp_ranks: list[int], *_) -> list[int]:
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    from megatron_dualpipe.schedules.mirror import reset_mirror_groups
+    from megatron_dualpipe.schedules.p2p import reset_flow_groups
+
+    reset_flow_groups()  # the schedules' cached groups belong to the process group
+    reset_mirror_groups()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

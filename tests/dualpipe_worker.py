@@ -60,8 +60,6 @@ def run_steps(overrides: list[str], num_steps: int, config_fields: dict | None =
     from megatron_dualpipe.config import load_recipe
     from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
-    from megatron_dualpipe.schedules.mirror import _GROUPS as mirror_groups
-    from megatron_dualpipe.schedules.p2p import reset_flow_groups
     from megatron_dualpipe.schedules.wgrad import WeightGradStore
     from megatron_dualpipe.train import _dp_rank, setup, train_step
 
@@ -87,7 +85,5 @@ def run_steps(overrides: list[str], num_steps: int, config_fields: dict | None =
         steps.append({"loss": record["loss"], "microbatch_losses": log})
     out = {"rank": dist.get_rank(), "steps": steps, "grads": captured.get("grads", {}),
            "num_deferred": WeightGradStore.num_deferred}
-    reset_flow_groups()
-    mirror_groups.clear()
     destroy_distributed()
     return out

@@ -27,8 +27,6 @@ def count_refreshes(overrides: list[str], overlap: bool, num_calls: int) -> dict
     from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
     from megatron_dualpipe.schedules import registry
-    from megatron_dualpipe.schedules.mirror import _GROUPS as mirror_groups
-    from megatron_dualpipe.schedules.p2p import reset_flow_groups
 
     def forced(schedule, *, zero_bubble=True, **_):
         return registry.forward_backward_func(schedule, zero_bubble=zero_bubble, overlap=overlap)
@@ -38,16 +36,19 @@ def count_refreshes(overrides: list[str], overlap: bool, num_calls: int) -> dict
     state = train_mod.setup(recipe)
     source = make_source(recipe, train_mod._dp_rank(), state.device)
     counts: list[list[int]] = []
+
+    def counter(i: int):
+        def count() -> None:
+            counts[-1][i] += 1
+        return count
+
     for i, chunk in enumerate(state.model):
-        chunk.set_is_first_microbatch = partial(lambda i: counts[-1].__setitem__(
-            i, counts[-1][i] + 1), i)
+        chunk.set_is_first_microbatch = counter(i)
     for call in range(num_calls):
         counts.append([0] * len(state.model))
         train_mod.train_step(state, source, call, forward_only=call == 0,
                              forward_step_func=partial(tagged_forward_step, []))
     rank = dist.get_rank()
-    reset_flow_groups()
-    mirror_groups.clear()
     destroy_distributed()
     return {"rank": rank, "counts": counts}
 

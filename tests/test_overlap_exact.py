@@ -56,9 +56,7 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
     from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
     from megatron_dualpipe.schedules import registry
-    from megatron_dualpipe.schedules.mirror import _GROUPS as mirror_groups
     from megatron_dualpipe.schedules.overlap import FusedChunks
-    from megatron_dualpipe.schedules.p2p import reset_flow_groups
     from megatron_dualpipe.schedules.te_wgrad import TEWeightGradDeferral
     from megatron_dualpipe.schedules.wgrad import WeightGradStore
 
@@ -85,8 +83,6 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
     out = {"rank": dist.get_rank(), "steps": steps, "grads": captured.get("grads", {}),
            "num_fused": FusedChunks.num_fused, "num_deferred": WeightGradStore.num_deferred,
            "num_te_deferred": TEWeightGradDeferral.num_deferred}
-    reset_flow_groups()
-    mirror_groups.clear()
     destroy_distributed()
     return out
 

@@ -37,6 +37,11 @@ def mirror_group(pp_ranks: list[int]):
     return _GROUPS[key]
 
 
+def reset_mirror_groups() -> None:
+    """Forget the cached mirror groups (they die with the process group)."""
+    _GROUPS.clear()
+
+
 def _mirror_tensors(chunk) -> list[torch.Tensor]:
     tensors = []
     for param in chunk.parameters():

@@ -55,6 +55,7 @@ def flow_groups(pp_ranks: list[int]) -> dict[tuple[int, int, str], object]:
 
 
 def reset_flow_groups() -> None:
+    """Forget the cached flow groups (they die with the process group)."""
     _GROUPS.clear()
 
 
