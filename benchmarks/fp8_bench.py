@@ -70,12 +70,16 @@ from benchmarks.fp8.proxy import (  # noqa: E402
     BF16_MLA,
     DEFAULT_PROXY_SET,
     KERNEL_CATEGORIES,
+    PROXY_MODIFIERS,
+    PROXY_PRECISIONS,
     PROXY_RECIPE,
     PROXY_VARIANTS,
+    baseline_variant,
     kernel_breakdown,
     kernel_category,
     profile_one_step,
     proxy_overrides,
+    variant_overrides,
     worker_proxy,
 )
 from benchmarks.fp8.report import (  # noqa: E402
@@ -88,12 +92,13 @@ from benchmarks.fp8.report import (  # noqa: E402
 
 __all__ = [
     "BF16_MLA", "DEFAULT_PROXY_SET", "DENSE_SHAPES", "FP8_RECIPES", "GROUPED_SHAPES",
-    "GROUPED_VARIANTS", "KERNEL_CATEGORIES", "MARK_END", "MARK_START", "PROXY_RECIPE",
-    "PROXY_VARIANTS", "RESULT_TAG", "TARGET_SPEEDUP", "cache_batches", "driver_version",
-    "dry_run", "fast_synthetic_sample", "kernel_breakdown", "kernel_category", "main",
-    "make_splits", "parse_args", "profile_one_step", "proxy_overrides", "render", "run_training",
-    "run_worker", "single_process_env", "use_fast_synthetic", "worker_deepgemm", "worker_gemm",
-    "worker_proxy", "write_section",
+    "GROUPED_VARIANTS", "KERNEL_CATEGORIES", "MARK_END", "MARK_START", "PROXY_MODIFIERS",
+    "PROXY_PRECISIONS", "PROXY_RECIPE", "PROXY_VARIANTS", "RESULT_TAG", "TARGET_SPEEDUP",
+    "baseline_variant", "cache_batches", "driver_version", "dry_run", "fast_synthetic_sample",
+    "kernel_breakdown", "kernel_category", "main", "make_splits", "parse_args", "profile_one_step",
+    "proxy_overrides", "render", "run_training", "run_worker", "single_process_env",
+    "use_fast_synthetic", "variant_overrides", "worker_deepgemm", "worker_gemm", "worker_proxy",
+    "write_section",
 ]
 
 
@@ -152,6 +157,27 @@ def run_worker(args, part: str, variant: str | None = None) -> dict:
         return {"error": f"worker exited {proc.returncode}: {last[-200:]}", "seconds": seconds}
     result["seconds"] = seconds
     return result
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One results dict from several runs' --json files, in order: a later run's gemm /
+    deepgemm part replaces an earlier one, proxy variants are merged (later wins); each part
+    keeps the command that produced it."""
+    merged: dict = {"commands": {}}
+    for run in runs:
+        commands = run.get("commands") or {}
+        for part in ("gemm", "deepgemm"):
+            if part in run:
+                merged[part] = run[part]
+                merged["commands"][part] = commands.get(part, "(command not recorded)")
+        if run.get("proxy"):
+            merged.setdefault("proxy", {}).update(run["proxy"])
+            merged["commands"]["proxy"] = commands.get("proxy", "(command not recorded)")
+            if run.get("proxy_set") is not None:
+                merged["proxy_set"] = run["proxy_set"]
+        if run.get("driver"):
+            merged["driver"] = run["driver"]
+    return merged
 
 
 def dry_run(args) -> int:
@@ -218,13 +244,17 @@ def parse_args(argv=None):
     p.add_argument("--no-proxy-default-set", dest="proxy_default_set", action="store_false",
                    help="do not apply DEFAULT_PROXY_SET (DeepSeek-V3-sized layers)")
     p.add_argument("--proxy-variants", default="bf16,blockwise,blockwise+bf16mla",
-                   help=f"comma list of {', '.join(PROXY_VARIANTS)}")
+                   help="comma list of PRECISION[+MODIFIER...]; precisions: "
+                   f"{', '.join(PROXY_PRECISIONS)}; modifiers: {', '.join(PROXY_MODIFIERS)}")
     p.add_argument("--proxy-steps", type=int, default=15, help="timed proxy steps")
     p.add_argument("--proxy-warmup", type=int, default=5, help="untimed proxy steps")
     p.add_argument("--worker-timeout-s", type=float, default=900.0)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--json", default=None, help="also write all raw results to this file")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="run nothing: render the section from --json files of earlier runs "
+                   "(later files replace a part, proxy variants are merged)")
     p.add_argument("--worker", choices=["gemm", "deepgemm", "proxy"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -234,8 +264,10 @@ def parse_args(argv=None):
         if part not in ("gemm", "deepgemm", "proxy"):
             p.error(f"--parts: unknown part {part!r}")
     for v in args.proxy_variants:
-        if v not in PROXY_VARIANTS:
-            p.error(f"--proxy-variants: unknown variant {v!r}; choose from {list(PROXY_VARIANTS)}")
+        try:
+            variant_overrides(v)
+        except ValueError as err:
+            p.error(f"--proxy-variants: {err}")
     return args
 
 
@@ -255,14 +287,27 @@ def main(argv=None) -> int:
         return dry_run(args)
     command = "python benchmarks/fp8_bench.py" + (
         " " + shlex.join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    if args.from_json:
+        results = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
+        section = render(results, args, command)
+        print(section)
+        if not args.no_write:
+            write_section(Path(args.out), section)
+            print(f"wrote the fp8_bench section of {args.out}")
+        return 0
     start = time.perf_counter()
-    results: dict = {"driver": driver_version()}
+    results: dict = {"driver": driver_version(), "commands": {}}
+    for part in ("gemm", "deepgemm", "proxy"):
+        if part in args.parts:
+            results["commands"][part] = command
     if "gemm" in args.parts:
         results["gemm"] = run_worker(args, "gemm")
     if "deepgemm" in args.parts:
         results["deepgemm"] = run_worker(args, "deepgemm")
     if "proxy" in args.parts:
         results["proxy"] = {v: run_worker(args, "proxy", v) for v in args.proxy_variants}
+        results["proxy_set"] = ((DEFAULT_PROXY_SET if args.proxy_default_set else [])
+                                + args.proxy_set)
     section = render(results, args, command)
     print("\n" + section)
     parts = {k: v.get("seconds", 0) for k, v in results.items() if isinstance(v, dict)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
-from megatron_dualpipe.config.to_megatron import optimizer_config
+from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
 from megatron_dualpipe.config.validate_training import (
     check_training_rules,
     unsupported_for_training,
@@ -117,6 +117,7 @@ def setup(recipe: Recipe) -> TrainState:
     warnings = check_training_rules(recipe)
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
+    fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
     os.environ.update(fp8_environment_variables(recipe))
     if device.type == "cpu":
         apply_cpu_patches()

@@ -22,15 +22,53 @@ DEFAULT_PROXY_SET = [
 ]
 BF16_MLA = ("['*self_attention.linear_q_down_proj', '*self_attention.linear_kv_down_proj', "
             "'*self_attention.linear_q_up_proj', '*self_attention.linear_kv_up_proj']")
-PROXY_VARIANTS = {
+# A variant is a precision and modifiers joined by "+", e.g. "blockwise+mla+fusions".
+PROXY_PRECISIONS = {
     "bf16": ["fp8.recipe=none"],
     "blockwise": ["fp8.recipe=blockwise"],
-    "blockwise+fused": ["fp8.recipe=blockwise", "fp8.grouped_gemm_fused=true"],
-    # MLA's low-rank projections (small N or K) stay BF16: TE's FP8 is slower there.
-    "blockwise+bf16mla": ["fp8.recipe=blockwise", "fp8.bf16_modules=" + BF16_MLA],
     "current": ["fp8.recipe=current"],
     "delayed": ["fp8.recipe=delayed"],
 }
+PROXY_MODIFIERS = {
+    # DeepSeek-V3's MLA (q_lora 1536, kv_lora 512, qk 128+64, v 128) instead of MHA.
+    "mla": ["model.attention=mla"],
+    # Megatron's fused RoPE, cross-entropy, router top-k and token permute kernels.
+    "fusions": ["model.rope_fusion=true", "model.cross_entropy_fusion=true",
+                "moe.router_fusion=true", "moe.permute_fusion=true"],
+    # BF16 Adam moments (DeepSeek-V3 §3.3.4), Megatron's precision-aware optimizer.
+    "bf16moments": ["optimizer.moment_dtype=bf16"],
+    # 16 micro-batches per optimizer step instead of 4.
+    "gbs16": ["train.global_batch_size=16"],
+    # FP8 only: TE's single-launch grouped GEMM for the experts.
+    "fused": ["fp8.grouped_gemm_fused=true"],
+    # FP8 only: MLA's low-rank projections (small N or K) stay BF16.
+    "bf16mla": ["fp8.bf16_modules=" + BF16_MLA],
+}
+FP8_ONLY_MODIFIERS = ("fused", "bf16mla")
+PROXY_VARIANTS = ("bf16", "blockwise", "blockwise+bf16mla", "current", "delayed",
+                  "blockwise+fused")  # examples; any precision+modifiers combination works
+
+
+def variant_overrides(variant: str) -> list[str]:
+    """Recipe overrides of a proxy variant ("precision+modifier+..."); ValueError if unknown."""
+    precision, *modifiers = variant.split("+")
+    if precision not in PROXY_PRECISIONS:
+        raise ValueError(f"proxy variant {variant!r}: precision {precision!r} is not one of "
+                         f"{', '.join(PROXY_PRECISIONS)}")
+    unknown = [m for m in modifiers if m not in PROXY_MODIFIERS]
+    if unknown:
+        raise ValueError(f"proxy variant {variant!r}: unknown modifier(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(PROXY_MODIFIERS)}")
+    if precision == "bf16" and any(m in FP8_ONLY_MODIFIERS for m in modifiers):
+        raise ValueError(f"proxy variant {variant!r}: {', '.join(FP8_ONLY_MODIFIERS)} apply to "
+                         "FP8 variants only")
+    return [*PROXY_PRECISIONS[precision], *(o for m in modifiers for o in PROXY_MODIFIERS[m])]
+
+
+def baseline_variant(variant: str) -> str:
+    """The BF16 variant with the same model/training modifiers (what "x BF16" divides by)."""
+    _, *modifiers = variant.split("+")
+    return "+".join(["bf16", *(m for m in modifiers if m not in FP8_ONLY_MODIFIERS)])
 
 
 # First match wins (lower-case substrings of CUDA kernel names).
@@ -84,12 +122,16 @@ def profile_one_step(state, source, step: int) -> dict:
     kernels = [e for e in prof.key_averages()
                if str(getattr(e, "device_type", "")).endswith("CUDA")]
     breakdown = kernel_breakdown(kernels)
-    return {"wall_ms": wall_ms, "kernels_ms": breakdown, "busy_ms": sum(breakdown.values())}
+    top = sorted(kernels, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:25]
+    return {"wall_ms": wall_ms, "kernels_ms": breakdown, "busy_ms": sum(breakdown.values()),
+            "num_kernel_launches": sum(getattr(e, "count", 0) for e in kernels),
+            "top_kernels": [(e.key[:120], e.self_device_time_total / 1e3, e.count,
+                             kernel_category(e.key)) for e in top]}
 
 
 def proxy_overrides(args, variant: str) -> list[str]:
     base = DEFAULT_PROXY_SET if args.proxy_default_set else []
-    return [*base, *args.proxy_set, *PROXY_VARIANTS[variant],
+    return [*base, *args.proxy_set, *variant_overrides(variant),
             f"train.steps={args.proxy_warmup + args.proxy_steps}",
             "train.log_dir=runs/fp8_bench_proxy"]
 
@@ -132,8 +174,10 @@ def worker_proxy(args) -> dict:
             profiled = profile_one_step(state, source, steps - 1)
         except Exception as err:  # the timing above stands without it
             profiled = {"error": _short(err)}
+        bf16_gemms = [n for n, m in report["modules"].items()
+                      if m["kind"] in ("linear", "grouped_linear") and m["precision"] == "bf16"]
         return {"flops_per_token": _activated_flops_per_token(recipe, state.model[0].module),
-                "fp8_summary": report["summary"], "profile": profiled,
+                "fp8_summary": report["summary"], "bf16_gemms": bf16_gemms, "profile": profiled,
                 "params": sum(p.numel() for c in state.model for p in c.parameters())}
 
     run = run_training(recipe, steps, cache=True, after=after)
@@ -147,6 +191,7 @@ def worker_proxy(args) -> dict:
         "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
         "tflops": info["flops_per_token"] * tokens / step_s / 1e12,
         "params": info["params"], "fp8_summary": info["fp8_summary"],
+        "bf16_gemms": info["bf16_gemms"],
         "profile": info.get("profile"),
         "max_memory_gb": run["max_memory_gb"], "losses": run["losses"],
         "cuda_mem_total_gb": torch.cuda.get_device_properties(0).total_memory / 2**30,

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from .common import FP8_RECIPES, TARGET_SPEEDUP
-from .proxy import DEFAULT_PROXY_SET, KERNEL_CATEGORIES
+from .proxy import DEFAULT_PROXY_SET, KERNEL_CATEGORIES, baseline_variant
 
 MARK_START, MARK_END = "<!-- fp8_bench:start -->", "<!-- fp8_bench:end -->"
 
@@ -71,18 +71,20 @@ def proxy_table(proxy: dict) -> list[str]:
         return ["_not run_"]
     out = [("| variant | step ms (median) | tokens/s | x BF16 | ~model TFLOP/s | max mem GB | "
             "loss first/last | FP8 GEMM modules |"), "|---|---:|---:|---:|---:|---:|---|---|"]
-    base = (proxy.get("bf16") or {}).get("tokens_per_s")
     for name, r in proxy.items():
         if "error" in r:
             out.append(f"| {name} | error: {r['error']} | | | | | | |")
             continue
+        base = (proxy.get(baseline_variant(name)) or {}).get("tokens_per_s")
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         fp8_mods = sum(c.get("fp8", 0) for c in (r.get("fp8_summary") or {}).values())
         losses = r.get("losses") or []
         loss = f"{losses[0]:.3f} / {losses[-1]:.3f}" if losses else "-"
         out.append(f"| {name} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | "
                    f"{r['tflops']:.0f} | {r['max_memory_gb']:.1f} | {loss} | {fp8_mods} |")
-    return out + [""] + profile_table(proxy)
+    note = ("x BF16: against the `bf16` variant with the same model and training modifiers "
+            "(`mla`, `fusions`, `bf16moments`, `gbs16`).")
+    return out + ["", note, ""] + profile_table(proxy)
 
 
 def profile_table(proxy: dict) -> list[str]:
@@ -117,12 +119,14 @@ def targets(results: dict) -> list[str]:
                 lines.append(f"- {row['shape']}, {col}: {f / b:.2f}x BF16 "
                              f"(target {TARGET_SPEEDUP}x: {ok})")
     proxy = results.get("proxy", {})
-    b = (proxy.get("bf16") or {}).get("tokens_per_s")
-    f = (proxy.get("blockwise") or {}).get("tokens_per_s")
-    if b and f:
+    for name, r in proxy.items():
+        b = (proxy.get(baseline_variant(name)) or {}).get("tokens_per_s")
+        f = r.get("tokens_per_s")
+        if name.startswith("bf16") or not (b and f):
+            continue
         ok = "met" if f / b >= TARGET_SPEEDUP else "NOT met"
-        lines.append(f"- whole proxy step, blockwise: {f / b:.2f}x BF16 tokens/s "
-                     f"(target {TARGET_SPEEDUP}x: {ok})")
+        lines.append(f"- whole proxy step, {name}: {f / b:.2f}x `{baseline_variant(name)}` "
+                     f"tokens/s (target {TARGET_SPEEDUP}x: {ok})")
     grouped = [r for r in (results.get("gemm", {}).get("grouped") or []) +
                (results.get("deepgemm", {}).get("deepgemm") or []) if r.get("tflops")]
     for shape in dict.fromkeys(r["shape"] for r in grouped):
@@ -136,6 +140,15 @@ def targets(results: dict) -> list[str]:
                          f"TFLOP/s = {fp8['tflops'] / bf16['tflops']:.2f}x the fastest BF16 path "
                          f"`{bf16['variant']}` ({bf16['tflops']:.0f})")
     return lines or ["- no complete result"]
+
+
+def _commands(results: dict, command: str) -> list[str]:
+    """`Command:` lines: one per part when the results were merged from several runs."""
+    commands = results.get("commands") or {}
+    if len(set(commands.values())) <= 1:
+        return [f"Command: `{next(iter(commands.values()), command)}`"]
+    return ["Commands (results merged from separate runs, each table from one run):", "",
+            *(f"- {part}: `{cmd}`" for part, cmd in commands.items())]
 
 
 def render(results: dict, args, command: str) -> str:
@@ -153,7 +166,7 @@ def render(results: dict, args, command: str) -> str:
          f"cuBLASLt {machine.get('cublaslt', '?')}, megatron-core {machine.get('megatron_core')}"
          f", DeepGEMM {dg.get('deepgemm_version') or 'not available'}."),
         "",
-        f"Command: `{command}`",
+        *_commands(results, command),
         "",
         (f"Method: forward+backward (Fprop, Dgrad, Wgrad: 6·M·K·N FLOPs) per call, "
          f"{args.warmup} warm-up calls, then the median of {args.iters} calls timed with CUDA "
@@ -177,7 +190,8 @@ def render(results: dict, args, command: str) -> str:
         lines += ["", f"gemm worker error: {gemm.get('grouped_error') or gemm.get('error')}"]
     if dg.get("deepgemm_skipped") or dg.get("error"):
         lines += ["", f"DeepGEMM: {dg.get('deepgemm_skipped') or dg.get('error')}"]
-    proxy_cfg = ", ".join((DEFAULT_PROXY_SET if args.proxy_default_set else []) + args.proxy_set)
+    proxy_cfg = ", ".join(results.get("proxy_set") or (
+        (DEFAULT_PROXY_SET if args.proxy_default_set else []) + args.proxy_set))
     lines += [
         "",
         f"### (c) Whole proxy model: `{args.proxy_recipe}` with {proxy_cfg or 'no overrides'}",

@@ -56,6 +56,14 @@ class ModelConfig(Section):
         description="selective activation recomputation (Megatron recompute_modules); "
         "[]: none. DeepSeek-V3 recomputes layernorm, mla_up_proj and the MoE SwiGLU (moe_act)",
     )
+    rope_fusion: bool = Field(
+        False, description="GPU: fused RoPE kernels (Megatron apply_rope_fusion); ignored on CPU"
+    )
+    cross_entropy_fusion: bool = Field(
+        False,
+        description="GPU: fused vocab-parallel cross-entropy (Megatron "
+        "cross_entropy_loss_fusion, Transformer Engine's kernel); ignored on CPU",
+    )
     mtp_loss_scaling_schedule: list[tuple[float, float]] = Field(
         default_factory=list,
         description="[[from_tokens, factor], ...]: mtp_loss_scaling_factor becomes factor once "
@@ -89,6 +97,16 @@ class MoEConfig(Section):
         "sync; needs capacity_factor",
     )
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+    router_fusion: bool = Field(
+        False,
+        description="GPU: Transformer Engine's fused top-k/score kernel in the router (Megatron "
+        "moe_router_fusion); ignored on CPU",
+    )
+    permute_fusion: bool = Field(
+        False,
+        description="GPU: Transformer Engine's fused token permute/unpermute (Megatron "
+        "moe_permute_fusion); ignored on CPU",
+    )
     router_bias_init: float = Field(
         0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"
     )

@@ -55,7 +55,6 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
         masked_softmax_fusion=on_gpu,
         gradient_accumulation_fusion=False,
         # Megatron's batched P2P (interleaved 1F1B) mixes up a rank pair's activation and
@@ -81,12 +80,12 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_router_dtype=moe.router_dtype,
-        moe_permute_fusion=False,
         # MTP
         mtp_num_layers=m.mtp_num_layers or None,
         mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
         # Selective activation recomputation (DeepSeek-V3 §3.2.3)
         **recompute_kwargs(recipe, on_gpu),
+        **fusion_kwargs(recipe, on_gpu),
     )
     if m.attention == "mla":
         kw.update(
@@ -143,6 +142,48 @@ def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
             f"without Transformer Engine: {allowed}"
         )
     return {"recompute_granularity": "selective", "recompute_modules": modules}
+
+
+# (recipe field, needs Transformer Engine) -> TransformerConfig field. Megatron's MLA RoPE
+# fusion is its own Triton kernel and the "native" cross-entropy fusion is a torch JIT function;
+# the others are Transformer Engine kernels.
+FUSIONS = {
+    "model.rope_fusion": "apply_rope_fusion",
+    "model.cross_entropy_fusion": "cross_entropy_loss_fusion",
+    "moe.router_fusion": "moe_router_fusion",
+    "moe.permute_fusion": "moe_permute_fusion",
+}
+
+
+def _fusions_needing_te(recipe: Recipe) -> list[str]:
+    fields = []
+    if recipe.model.rope_fusion and recipe.model.attention != "mla":
+        fields.append("model.rope_fusion")
+    fields += [f for f, on in (("moe.router_fusion", recipe.moe.router_fusion),
+                               ("moe.permute_fusion", recipe.moe.permute_fusion)) if on]
+    return fields
+
+
+def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
+    """The GPU kernel fusions of `model.*_fusion` / `moe.*_fusion` (all off on CPU, where
+    Megatron has no such kernels)."""
+    m, moe = recipe.model, recipe.moe
+    values = {"model.rope_fusion": m.rope_fusion, "model.cross_entropy_fusion":
+              m.cross_entropy_fusion, "moe.router_fusion": moe.router_fusion,
+              "moe.permute_fusion": moe.permute_fusion}
+    kw: dict[str, Any] = {FUSIONS[k]: bool(v and on_gpu) for k, v in values.items()}
+    if not on_gpu:
+        return kw
+    needs_te = _fusions_needing_te(recipe)
+    if needs_te and not transformer_engine_available():
+        raise ValueError(
+            f"{', '.join(needs_te)}: these fused kernels come from Transformer Engine, which is "
+            "not installed; install it or set them to false"
+        )
+    if m.cross_entropy_fusion:
+        # Megatron-LM rejects TE's cross-entropy kernel by default (stability); use its own.
+        kw["cross_entropy_fusion_impl"] = "native"
+    return kw
 
 
 # --- fp8-specific mapping (megatron_dualpipe/fp8, docs/fp8.md) -------------------------------
