@@ -109,7 +109,7 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
-    from megatron_dualpipe.patches import apply_cpu_patches
+    from megatron_dualpipe.patches import apply_cpu_patches, enable_routing_map_copy
 
     unsupported = unsupported_for_training(recipe)
     if unsupported:
@@ -118,6 +118,8 @@ def setup(recipe: Recipe) -> TrainState:
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
+    if recipe.moe.router_fusion and device.type == "cuda":
+        enable_routing_map_copy()
     os.environ.update(fp8_environment_variables(recipe))
     if device.type == "cpu":
         apply_cpu_patches()

@@ -69,3 +69,48 @@ def test_train_setup_checks_before_any_process_group(monkeypatch):
     monkeypatch.setattr(T, "init_distributed", fail)
     with pytest.raises(ValueError, match="moe.permute_fusion"):
         T.setup(_recipe("moe.permute_fusion=true"))
+
+
+# --- model.gradient_accumulation_fusion (TE modules accumulate into main_grad) ----------------
+
+def _fake_te_class(name: str):
+    """A stand-in whose class looks like a Transformer Engine GEMM module to `is_te_gemm`."""
+    cls = type(name, (torch.nn.Module,), {"__module__": "transformer_engine.pytorch.module.x"})
+
+    def __init__(self, main_grad=True):
+        torch.nn.Module.__init__(self)
+        self.weight = torch.nn.Parameter(torch.zeros(2, 2))
+        if main_grad:
+            self.weight.main_grad = torch.zeros(2, 2)
+        self.fuse_wgrad_accumulation = False
+
+    cls.__init__ = __init__
+    return cls
+
+
+def test_wgrad_fusion_switches_te_gemms_with_main_grad_only():
+    from megatron_dualpipe.model.wgrad_fusion import fuse_te_wgrad_accumulation
+
+    Linear, GroupedLinear = _fake_te_class("Linear"), _fake_te_class("GroupedLinear")
+    chunk = torch.nn.ModuleDict({"a": Linear(), "b": GroupedLinear(), "c": Linear(False),
+                                 "d": torch.nn.Linear(2, 2)})
+    names = fuse_te_wgrad_accumulation([chunk])
+    assert names == ["chunk0.a", "chunk0.b"]
+    assert chunk["a"].fuse_wgrad_accumulation and chunk["b"].fuse_wgrad_accumulation
+    assert chunk["c"].fuse_wgrad_accumulation is False  # no main_grad buffer: left alone
+    assert not hasattr(chunk["d"], "fuse_wgrad_accumulation")
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_wgrad_fusion_refused_with_the_zero_bubble_split(schedule):
+    from megatron_dualpipe.config.validate import check_fusions
+
+    recipe = _recipe("model.gradient_accumulation_fusion=true")
+    recipe.parallel.schedule = schedule
+    with pytest.raises(ValueError, match="parallel.zero_bubble=false"):
+        check_fusions(recipe)
+    recipe.parallel.zero_bubble = False
+    check_fusions(recipe)
+    recipe.parallel.schedule = "1f1b"
+    recipe.parallel.zero_bubble = True
+    check_fusions(recipe)

@@ -12,7 +12,10 @@ MDP_GPU_TRAIN_STEPS steps (default 60) in this process:
   tests/test_fp8_weight_cache.py on CPU): with a stale FP8 weight cache DualPipeV would train
   on the first step's FP8 weights and its loss would fall far behind 1F1B's.
 * `model.rope_fusion`, `model.cross_entropy_fusion`, `moe.router_fusion`, `moe.permute_fusion`
-  on against off, for MHA (TE's RoPE kernel) and MLA (Megatron's Triton RoPE kernel).
+  on against off, for MHA (TE's RoPE kernel) and MLA (Megatron's Triton RoPE kernel), in BF16
+  and (with `model.gradient_accumulation_fusion` too) in blockwise FP8, where the fused router
+  meets the router padding for FP8 (patches/pad_routing_map.py); and
+  `model.gradient_accumulation_fusion` alone.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ RUNS = {
     "1f1b fp8": ["fp8.recipe=blockwise"],
     "dualpipev fp8": ["fp8.recipe=blockwise", "parallel.schedule=dualpipev"],
     "1f1b bf16 fused": ["fp8.recipe=none", *FUSED],
+    "1f1b bf16 wgrad fused": ["fp8.recipe=none", "model.gradient_accumulation_fusion=true"],
+    "1f1b fp8 all fused": ["fp8.recipe=blockwise", *FUSED,
+                           "model.gradient_accumulation_fusion=true"],
     "1f1b bf16 mla": ["fp8.recipe=none", *MLA],
     "1f1b bf16 mla fused": ["fp8.recipe=none", *MLA, *FUSED],
 }
@@ -117,9 +123,13 @@ def test_dualpipev_fp8_trains_like_1f1b_fp8(runs):
     assert diff < 5e-3, (diff, control)
 
 
-@pytest.mark.parametrize("attention", ["", " mla"])
-def test_fused_kernels_train_like_unfused(runs, attention):
-    ref, name = f"1f1b bf16{attention}", f"1f1b bf16{attention} fused"
+@pytest.mark.parametrize("name,ref", [
+    ("1f1b bf16 fused", "1f1b bf16"), ("1f1b bf16 mla fused", "1f1b bf16 mla"),
+    ("1f1b bf16 wgrad fused", "1f1b bf16"),
+    # FP8 with the fused router: the router padding must not touch the router's saved map
+    ("1f1b fp8 all fused", "1f1b fp8"),
+])
+def test_fused_kernels_train_like_unfused(runs, name, ref):
     diff = _report(runs, name, ref)
     assert abs(runs[name][0] - runs[ref][0]) / runs[ref][0] < 2e-3
     assert diff < 1e-2

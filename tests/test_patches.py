@@ -210,3 +210,27 @@ def test_optimizer_init_sees_cuda_type_names_only_inside():
         assert t.type() == "torch.cuda.FloatTensor"
         assert t.type(torch.float64).dtype == torch.float64
     assert t.type() == "torch.FloatTensor"
+
+
+def test_pad_routing_map_patch_pads_a_copy_with_the_same_result():
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from megatron_dualpipe.patches import pad_routing_map
+
+    patch = pad_routing_map.make_patch()
+    original = token_dispatcher.pad_routing_map
+    generator = torch.Generator().manual_seed(0)
+    routing_map = torch.rand(64, 8, generator=generator) < 0.3  # [tokens, experts]
+    expected = original(routing_map.clone(), 16)
+    assert (expected.sum(0) % 16 == 0).all() and not torch.equal(expected, routing_map)
+    before = routing_map.clone()
+    patch.apply()
+    try:
+        assert token_dispatcher.pad_routing_map is not original
+        padded = token_dispatcher.pad_routing_map(routing_map, 16)
+        assert torch.equal(padded, expected)
+        assert torch.equal(routing_map, before)  # the router's tensor is left as it was
+    finally:
+        patch.revert()
+    assert token_dispatcher.pad_routing_map is original
+    patch.check_version()

@@ -32,9 +32,11 @@ PROXY_PRECISIONS = {
 PROXY_MODIFIERS = {
     # DeepSeek-V3's MLA (q_lora 1536, kv_lora 512, qk 128+64, v 128) instead of MHA.
     "mla": ["model.attention=mla"],
-    # Megatron's fused RoPE, cross-entropy, router top-k and token permute kernels.
+    # Megatron's fused RoPE, cross-entropy, router top-k and token permute kernels, and TE's
+    # weight-gradient accumulation into main_grad.
     "fusions": ["model.rope_fusion=true", "model.cross_entropy_fusion=true",
-                "moe.router_fusion=true", "moe.permute_fusion=true"],
+                "moe.router_fusion=true", "moe.permute_fusion=true",
+                "model.gradient_accumulation_fusion=true"],
     # BF16 Adam moments (DeepSeek-V3 §3.3.4), Megatron's precision-aware optimizer.
     "bf16moments": ["optimizer.moment_dtype=bf16"],
     # 16 micro-batches per optimizer step instead of 4.
@@ -93,6 +95,13 @@ def kernel_category(name: str) -> str:
     return "elementwise/other"
 
 
+def is_annotation(event) -> bool:
+    """A `record_function` range mirrored on the GPU timeline (e.g. `Optimizer.step#...`): its
+    device time is that of the kernels inside it, which are counted on their own."""
+    return bool(getattr(event, "is_user_annotation", False)) or "#" in event.key or \
+        event.key.startswith("ProfilerStep")
+
+
 def kernel_breakdown(events) -> dict[str, float]:
     """GPU kernel time (ms) per category from `torch.profiler` key averages of CUDA kernels
     (`events`: objects with `.key` and `.self_device_time_total` in microseconds)."""
@@ -120,7 +129,8 @@ def profile_one_step(state, source, step: int) -> dict:
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3
     kernels = [e for e in prof.key_averages()
-               if str(getattr(e, "device_type", "")).endswith("CUDA")]
+               if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and not is_annotation(e)]
     breakdown = kernel_breakdown(kernels)
     top = sorted(kernels, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:25]
     return {"wall_ms": wall_ms, "kernels_ms": breakdown, "busy_ms": sum(breakdown.values()),

@@ -64,6 +64,12 @@ class ModelConfig(Section):
         description="GPU: fused vocab-parallel cross-entropy (Megatron "
         "cross_entropy_loss_fusion, Transformer Engine's kernel); ignored on CPU",
     )
+    gradient_accumulation_fusion: bool = Field(
+        False,
+        description="GPU: Transformer Engine GEMMs accumulate weight gradients straight into "
+        "the FP32 main_grad (TE's fuse_wgrad_accumulation; Megatron's own linears, i.e. the "
+        "output head, keep the separate add, so apex is not needed); ignored on CPU",
+    )
     mtp_loss_scaling_schedule: list[tuple[float, float]] = Field(
         default_factory=list,
         description="[[from_tokens, factor], ...]: mtp_loss_scaling_factor becomes factor once "

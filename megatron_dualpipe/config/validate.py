@@ -235,6 +235,18 @@ def check_fp8(recipe: Recipe) -> None:
     check_fp8_recipe(recipe)
 
 
+def check_fusions(recipe: Recipe) -> None:
+    p = recipe.parallel
+    if (recipe.model.gradient_accumulation_fusion and p.zero_bubble
+            and p.schedule in ("dualpipe", "dualpipev")):
+        raise ValueError(
+            f"model.gradient_accumulation_fusion=true cannot be combined with parallel.schedule="
+            f"{p.schedule} and parallel.zero_bubble=true (the zero-bubble W split defers "
+            "Transformer Engine weight GEMMs, which fused accumulation would skip); set "
+            "parallel.zero_bubble=false or model.gradient_accumulation_fusion=false"
+        )
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """All cross-field rules, in the order a user would fix them."""
     from megatron_dualpipe.config.stage_split import check_stage_split
@@ -245,3 +257,4 @@ def validate_recipe(recipe: Recipe) -> None:
     check_batch(recipe)
     check_eplb(recipe)
     check_fp8(recipe)
+    check_fusions(recipe)

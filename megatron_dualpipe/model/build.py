@@ -17,6 +17,7 @@ from megatron_dualpipe.distributed import process_groups
 from megatron_dualpipe.fp8.overrides import apply_bf16_modules
 from megatron_dualpipe.model.init import init_chunk
 from megatron_dualpipe.model.layout import ChunkPlacement, chunk_placements
+from megatron_dualpipe.model.wgrad_fusion import fuse_te_wgrad_accumulation
 
 
 def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
@@ -168,4 +169,6 @@ def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp:
         )
         ddp.placement = chunk.placement
         wrapped.append(ddp)
+    if recipe.model.gradient_accumulation_fusion and device.type == "cuda":
+        fuse_te_wgrad_accumulation(wrapped)
     return config, wrapped

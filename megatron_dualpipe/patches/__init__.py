@@ -1,8 +1,9 @@
-"""The few places Megatron-Core must be patched to run on CPU (gloo).
+"""The few places Megatron-Core must be patched.
 
-Each file holds one target; every patch is version-guarded (megatron-core 0.19.x),
-reversible, and applied only when CUDA is absent. `apply_cpu_patches()` applies them all;
-`revert_cpu_patches()` restores Megatron-Core as it was.
+Each file holds one target; every patch is version-guarded (megatron-core 0.19.x) and
+reversible. The CPU patches (gloo) are applied only when CUDA is absent: `apply_cpu_patches()`
+applies them all, `revert_cpu_patches()` restores Megatron-Core as it was. Feature patches
+(`enable_*`) are applied by the features that need them; `revert_feature_patches()` undoes them.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def enable_schedule_selection() -> None:
     from megatron_dualpipe.patches import forward_backward_func
 
     _feature("forward_backward_func", forward_backward_func.make_patches)
+
+
+def enable_routing_map_copy() -> None:
+    """Router padding for FP8 pads a copy of the routing map (needed with the fused router)."""
+    from megatron_dualpipe.patches import pad_routing_map
+
+    _feature("pad_routing_map", lambda: [pad_routing_map.make_patch()])
 
 
 def revert_feature_patches() -> None:
