@@ -38,6 +38,7 @@ class _LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, module):
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = module.wgrad_store
+        ctx.placeholder = module.returns_placeholder
         return x @ weight.t()
 
     @staticmethod
@@ -47,7 +48,8 @@ class _LinearFn(torch.autograd.Function):
             return b.reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
         if ctx.wgrad_store is not None and ctx.wgrad_store.delay_wgrad_compute():
             ctx.wgrad_store.put([x, dy], gemm)
-            wgrad = None
+            # TE's GroupedLinear hands autograd the (still empty) buffers its queued GEMM fills
+            wgrad = torch.full_like(weight, float("nan")) if ctx.placeholder else None
         else:
             wgrad = gemm(x, dy)
         return dy @ weight, wgrad, None
@@ -60,6 +62,7 @@ class FakeTELinear(torch.nn.Module):
         self.use_bias = bias
         self.fuse_wgrad_accumulation = False
         self.wgrad_store = FakeStore(False)
+        self.returns_placeholder = False
 
     def forward(self, x):
         return _LinearFn.apply(x, self.weight, self)
@@ -142,3 +145,43 @@ def test_modules_with_bias_or_fused_accumulation_are_not_deferred():
     fused.fuse_wgrad_accumulation = True
     assert not is_deferrable(fused)
     assert not is_deferrable(torch.nn.Linear(4, 4, bias=False))  # not a TE module
+
+
+def _megatron_ddp_hook(param):
+    """Megatron DDP's grad hook: add param.grad into main_grad unless TE already did."""
+    def hook(p):
+        if p.grad is not None and not p.grad_added_to_main_grad:
+            p.main_grad.add_(p.grad)
+        p.grad = None
+    param.grad_added_to_main_grad = False
+    param.register_post_accumulate_grad_hook(hook)
+
+
+def test_placeholder_weight_grads_of_a_deferred_backward_never_reach_main_grad():
+    """A module that, like TE's GroupedLinear, returns its unfilled wgrad buffers to autograd
+    while deferring: Megatron's hook must skip them, the W item fills main_grad."""
+    ref, model = _model(), _model()
+    for mb in range(2):
+        _loss(ref, mb).backward()
+    for p in model.parameters():
+        p.main_grad = torch.zeros_like(p)
+        _megatron_ddp_hook(p)
+    for module in model:
+        if isinstance(module, FakeTELinear):
+            module.returns_placeholder = True
+    WeightGradStore.te = TEWeightGradDeferral.of_chunks([model])
+    try:
+        items = []
+        for mb in range(2):
+            with WeightGradStore.collect() as item:
+                _loss(model, mb).backward()
+            items.append(item)
+    finally:
+        WeightGradStore.te = None
+    for p in model.parameters():
+        assert not p.main_grad.isnan().any() and not p.main_grad.any()
+        assert p.grad_added_to_main_grad is False  # restored after each deferred backward
+    for item in items:
+        WeightGradStore.run(item)
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(p.main_grad, p_ref.grad, rtol=1e-12, atol=1e-12)

@@ -17,6 +17,12 @@ configs, so TE never writes `main_grad` itself).
 
 Modules with a bias or with fused weight-gradient accumulation are left alone (not deferred):
 bias gradients and `main_grad` fusion take other paths in TE's delayed mode.
+
+In its delayed mode TE 2.20's `GroupedLinear` returns to autograd the weight-gradient buffers
+its queued GEMM will fill later (uninitialized until then), where `Linear` returns None; with
+DDP-wrapped BF16 models Megatron's grad hook would add those into `main_grad` (NaN losses from
+the second step on, seen on an H200). During a deferred backward the deferred weights are
+therefore marked `grad_added_to_main_grad`, the flag Megatron's hook honours.
 """
 
 from __future__ import annotations
@@ -85,11 +91,23 @@ class TEWeightGradDeferral:
         """Within the block (one backward), TE weight GEMMs are queued; on exit a closure that
         runs them is appended to `item`."""
         before = {id(m): m.wgrad_store.context.qsize() for m in self.modules}
+        weights = [w for m in self.modules for w in _weights(m) if hasattr(w, "main_grad")]
+        added = [getattr(w, "grad_added_to_main_grad", None) for w in weights]
         self._set(True)
+        # Whatever TE hands autograd for a delayed weight (GroupedLinear: the still-empty
+        # buffers its queued GEMM will fill) must not reach main_grad through Megatron's DDP
+        # hook, which skips weights marked `grad_added_to_main_grad`.
+        for weight in weights:
+            weight.grad_added_to_main_grad = True
         try:
             yield
         finally:
             self._set(False)
+            for weight, value in zip(weights, added):
+                if value is None:
+                    del weight.grad_added_to_main_grad
+                else:
+                    weight.grad_added_to_main_grad = value
         pending = [(m, m.wgrad_store.context.qsize() - before[id(m)]) for m in self.modules]
         pending = [(m, n) for m, n in pending if n > 0]
         TEWeightGradDeferral.num_deferred += sum(n for _, n in pending)
