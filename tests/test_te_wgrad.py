@@ -39,6 +39,9 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = module.wgrad_store
         ctx.placeholder = module.returns_placeholder
+        # TE 2.20's Linear hands its store to autograd only if the delay is on at forward time
+        if module.decides_at_forward and not module.wgrad_store.delay_wgrad_compute():
+            ctx.wgrad_store = None
         return x @ weight.t()
 
     @staticmethod
@@ -63,6 +66,7 @@ class FakeTELinear(torch.nn.Module):
         self.fuse_wgrad_accumulation = False
         self.wgrad_store = FakeStore(False)
         self.returns_placeholder = False
+        self.decides_at_forward = False
 
     def forward(self, x):
         return _LinearFn.apply(x, self.weight, self)
@@ -157,9 +161,11 @@ def _megatron_ddp_hook(param):
     param.register_post_accumulate_grad_hook(hook)
 
 
-def test_placeholder_weight_grads_of_a_deferred_backward_never_reach_main_grad():
-    """A module that, like TE's GroupedLinear, returns its unfilled wgrad buffers to autograd
-    while deferring: Megatron's hook must skip them, the W item fills main_grad."""
+@pytest.mark.parametrize("quirk", ["returns_placeholder", "decides_at_forward"])
+def test_placeholder_weight_grads_of_a_deferred_backward_never_reach_main_grad(quirk):
+    """TE 2.20's quirks under Megatron's DDP hook: GroupedLinear returns its unfilled wgrad
+    buffers to autograd while deferring (the hook must skip them, the W item fills main_grad);
+    Linear decides at forward time and does not defer (its real gradient must be kept)."""
     ref, model = _model(), _model()
     for mb in range(2):
         _loss(ref, mb).backward()
@@ -168,18 +174,20 @@ def test_placeholder_weight_grads_of_a_deferred_backward_never_reach_main_grad()
         _megatron_ddp_hook(p)
     for module in model:
         if isinstance(module, FakeTELinear):
-            module.returns_placeholder = True
+            setattr(module, quirk, True)
     WeightGradStore.te = TEWeightGradDeferral.of_chunks([model])
     try:
         items = []
         for mb in range(2):
+            loss = _loss(model, mb)  # the F, outside the B that collects (as in DualPipe)
             with WeightGradStore.collect() as item:
-                _loss(model, mb).backward()
+                loss.backward()
             items.append(item)
     finally:
         WeightGradStore.te = None
     for p in model.parameters():
-        assert not p.main_grad.isnan().any() and not p.main_grad.any()
+        assert not p.main_grad.isnan().any()
+        assert p.main_grad.any() == (quirk == "decides_at_forward")  # only kept grads so far
         assert p.grad_added_to_main_grad is False  # restored after each deferred backward
     for item in items:
         WeightGradStore.run(item)

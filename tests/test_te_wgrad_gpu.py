@@ -6,9 +6,10 @@
 buffers and Megatron DDP's grad hook (add `param.grad` into `main_grad` unless
 `grad_added_to_main_grad`): two micro-batches with their weight GEMMs deferred to W items
 (schedules/te_wgrad.py) must leave the same `main_grad` as the plain backward. Also prints
-whether TE handed autograd a weight gradient during the deferred backward (TE 2.20's
-GroupedLinear does: its still-empty buffers, which reached main_grad before the fix and gave
-NaN losses in DualPipeV from the second step).
+the weight gradients TE handed autograd during the deferred backward and whether they were
+marked to be skipped: TE 2.20's GroupedLinear hands over its still-empty buffers (marked; they
+reached main_grad before the guard and gave NaN losses in DualPipeV from the second step);
+Linear decides at forward time and computes its real gradient at once (kept).
 """
 
 from __future__ import annotations

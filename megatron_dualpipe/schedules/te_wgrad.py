@@ -18,11 +18,14 @@ configs, so TE never writes `main_grad` itself).
 Modules with a bias or with fused weight-gradient accumulation are left alone (not deferred):
 bias gradients and `main_grad` fusion take other paths in TE's delayed mode.
 
-In its delayed mode TE 2.20's `GroupedLinear` returns to autograd the weight-gradient buffers
-its queued GEMM will fill later (uninitialized until then), where `Linear` returns None; with
-DDP-wrapped BF16 models Megatron's grad hook would add those into `main_grad` (NaN losses from
-the second step on, seen on an H200). During a deferred backward the deferred weights are
-therefore marked `grad_added_to_main_grad`, the flag Megatron's hook honours.
+TE 2.20 quirks handled here (see tests/test_te_wgrad_gpu.py): `GroupedLinear`, while
+deferring, hands autograd the weight-gradient buffers its queued GEMM will fill later
+(uninitialized until then); Megatron's DDP hook would add them to `main_grad` (NaN losses from
+the second DualPipeV step in BF16, seen on an H200). A tensor hook on each deferred weight marks
+it `grad_added_to_main_grad` (the flag the DDP hook honours) when its module has just queued.
+`Linear` decides whether to defer at *forward* time (it passes its store to autograd only if
+the delay is already on), so its GEMMs are not deferred here: its weight gradients arrive in
+the B as usual and are kept.
 """
 
 from __future__ import annotations
@@ -69,11 +72,30 @@ class TEWeightGradDeferral:
     def __init__(self, modules: Iterable) -> None:
         self.modules = [m for m in modules if is_deferrable(m)]
         self._backward_dw = {id(m): _te_base_backward_dw(m) for m in self.modules}
+        self._before: dict | None = None  # queue sizes while a deferred backward runs
+        self._marked: list = []
         for module in self.modules:
             store = module.wgrad_store
             if store.context is None:  # built without delay: give it a delaying store
                 module.wgrad_store = type(store)(True)
             module.wgrad_store.enabled = False
+            for weight in _weights(module):
+                weight.register_hook(self._placeholder_guard(module, weight))
+
+    def _placeholder_guard(self, module, weight):
+        """A tensor hook (runs before the gradient reaches Megatron's DDP hook): during a
+        deferred backward, a gradient arriving for a weight whose module has just queued its
+        GEMM is TE's placeholder; mark the weight so the DDP hook skips it."""
+        def hook(grad):
+            before = self._before
+            if (before is not None and hasattr(weight, "main_grad")
+                    and module.wgrad_store.context.qsize() > before[id(module)]
+                    and not getattr(weight, "grad_added_to_main_grad", False)):
+                self._marked.append((weight, getattr(weight, "grad_added_to_main_grad", False)))
+                weight.grad_added_to_main_grad = True
+            return None
+
+        return hook
 
     @classmethod
     def of_chunks(cls, chunks: Iterable) -> TEWeightGradDeferral:
@@ -91,23 +113,15 @@ class TEWeightGradDeferral:
         """Within the block (one backward), TE weight GEMMs are queued; on exit a closure that
         runs them is appended to `item`."""
         before = {id(m): m.wgrad_store.context.qsize() for m in self.modules}
-        weights = [w for m in self.modules for w in _weights(m) if hasattr(w, "main_grad")]
-        added = [getattr(w, "grad_added_to_main_grad", None) for w in weights]
+        self._before, self._marked = before, []
         self._set(True)
-        # Whatever TE hands autograd for a delayed weight (GroupedLinear: the still-empty
-        # buffers its queued GEMM will fill) must not reach main_grad through Megatron's DDP
-        # hook, which skips weights marked `grad_added_to_main_grad`.
-        for weight in weights:
-            weight.grad_added_to_main_grad = True
         try:
             yield
         finally:
             self._set(False)
-            for weight, value in zip(weights, added):
-                if value is None:
-                    del weight.grad_added_to_main_grad
-                else:
-                    weight.grad_added_to_main_grad = value
+            for weight, value in self._marked:
+                weight.grad_added_to_main_grad = value
+            self._before, self._marked = None, []
         pending = [(m, m.wgrad_store.context.qsize() - before[id(m)]) for m in self.modules]
         pending = [(m, n) for m, n in pending if n > 0]
         TEWeightGradDeferral.num_deferred += sum(n for _, n in pending)
