@@ -163,7 +163,7 @@ def merge_results(runs: list[dict]) -> dict:
     """One results dict from several runs' --json files, in order: a later run's gemm /
     deepgemm part replaces an earlier one, proxy variants are merged (later wins); each part
     keeps the command that produced it."""
-    merged: dict = {"commands": {}}
+    merged: dict = {"commands": {}, "merged": True}
     for run in runs:
         commands = run.get("commands") or {}
         for part in ("gemm", "deepgemm"):
@@ -172,7 +172,10 @@ def merge_results(runs: list[dict]) -> dict:
                 merged["commands"][part] = commands.get(part, "(command not recorded)")
         if run.get("proxy"):
             merged.setdefault("proxy", {}).update(run["proxy"])
-            merged["commands"]["proxy"] = commands.get("proxy", "(command not recorded)")
+            key = "proxy"
+            while key in merged["commands"]:  # one entry per run (the command names its variants)
+                key += "'"
+            merged["commands"][key] = commands.get("proxy", "(command not recorded)")
             if run.get("proxy_set") is not None:
                 merged["proxy_set"] = run["proxy_set"]
         if run.get("driver"):

@@ -87,6 +87,11 @@ def proxy_table(proxy: dict) -> list[str]:
     return out + ["", note, ""] + profile_table(proxy)
 
 
+def _busy(proxy: dict, name: str) -> float | None:
+    profile = (proxy.get(name) or {}).get("profile")
+    return profile.get("busy_ms") if isinstance(profile, dict) else None
+
+
 def profile_table(proxy: dict) -> list[str]:
     """GPU kernel time per category of one profiled step per variant (ms)."""
     profiles = {n: r.get("profile") for n, r in proxy.items()
@@ -96,12 +101,18 @@ def profile_table(proxy: dict) -> list[str]:
     categories = [c for c, _ in KERNEL_CATEGORIES] + ["elementwise/other"]
     used = [c for c in categories if any(p["kernels_ms"].get(c) for p in profiles.values())]
     out = ["One extra step per variant under `torch.profiler` (GPU kernel time per category, ms; "
-           "busy = sum of kernels; wall includes profiler overhead):", "",
-           "| variant | wall | busy | " + " | ".join(used) + " |",
-           "|---|---:|---:|" + "---:|" * len(used)]
+           "busy = sum of kernels, *x BF16* its ratio to the baseline's; wall includes profiler "
+           "overhead; timed step ms - busy = time the GPU waited for the host):", "",
+           "| variant | timed step | wall | busy | busy x BF16 | " + " | ".join(used) + " |",
+           "|---|---:|---:|---:|---:|" + "---:|" * len(used)]
     for name, p in profiles.items():
         cells = " | ".join(f"{p['kernels_ms'].get(c, 0.0):.1f}" for c in used)
-        out.append(f"| {name} | {p['wall_ms']:.0f} | {p['busy_ms']:.0f} | {cells} |")
+        base = _busy(proxy, baseline_variant(name))
+        ratio = f"{base / p['busy_ms']:.2f}x" if base and p.get("busy_ms") else "-"
+        step = proxy[name].get("step_s")
+        step_ms = f"{step * 1e3:.0f}" if step else "-"
+        out.append(f"| {name} | {step_ms} | {p['wall_ms']:.0f} | {p['busy_ms']:.0f} | {ratio} | "
+                   f"{cells} |")
     return out
 
 
@@ -125,8 +136,10 @@ def targets(results: dict) -> list[str]:
         if name.startswith("bf16") or not (b and f):
             continue
         ok = "met" if f / b >= TARGET_SPEEDUP else "NOT met"
+        busy, base_busy = _busy(proxy, name), _busy(proxy, baseline_variant(name))
+        kernels = (f"; GPU kernel time {base_busy / busy:.2f}x" if busy and base_busy else "")
         lines.append(f"- whole proxy step, {name}: {f / b:.2f}x `{baseline_variant(name)}` "
-                     f"tokens/s (target {TARGET_SPEEDUP}x: {ok})")
+                     f"tokens/s (target {TARGET_SPEEDUP}x: {ok}){kernels}")
     grouped = [r for r in (results.get("gemm", {}).get("grouped") or []) +
                (results.get("deepgemm", {}).get("deepgemm") or []) if r.get("tflops")]
     for shape in dict.fromkeys(r["shape"] for r in grouped):
@@ -147,8 +160,11 @@ def _commands(results: dict, command: str) -> list[str]:
     commands = results.get("commands") or {}
     if len(set(commands.values())) <= 1:
         return [f"Command: `{next(iter(commands.values()), command)}`"]
-    return ["Commands (results merged from separate runs, each table from one run):", "",
-            *(f"- {part}: `{cmd}`" for part, cmd in commands.items())]
+    lines = ["Commands (results merged from separate runs; every ratio compares variants of "
+             "one run):", "", *(f"- {part}: `{cmd}`" for part, cmd in commands.items())]
+    if results.get("merged"):
+        lines += ["", f"Rendered from their `--json` files by `{command}`."]
+    return lines
 
 
 def render(results: dict, args, command: str) -> str:
