@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
+from benchmarks.docs_section import write_section  # noqa: E402
+
 NUM_LAYERS, NUM_EXPERTS, NUM_REPLICAS, NUM_GROUPS, NUM_NODES, NUM_GPUS = 58, 256, 320, 8, 8, 64
 TOKENS_PER_LAYER = 65536
 DRIFT_SIGMA = 0.1
@@ -172,20 +174,6 @@ def targets(rows: dict) -> list[str]:
     ]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append the marked section) in ``path``."""
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -211,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not (args.quick or args.no_docs):
-        write_section(args.docs, section)
+        write_section(args.docs, section, MARK_START, MARK_END)
         print(f"wrote the eplb_bench section of {args.docs}")
     return 0
 

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.docs_section import write_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- eplb_train_bench:start -->", "<!-- eplb_train_bench:end -->"
 RECIPE = ROOT / "recipes" / "tiny_moe_cpu.yaml"
 COMMON = ["parallel.pp=1", "model.num_layers=2", "model.num_dense_layers=1",
@@ -213,18 +215,6 @@ def markdown(results: dict, args, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append the marked section) in ``path``."""
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -260,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(results, args, command)
     print(section)
     if not args.no_write:
-        write_section(args.docs, section)
+        write_section(args.docs, section, MARK_START, MARK_END)
         print(f"wrote the eplb_train_bench section of {args.docs}")
     return 0
 

@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.docs_section import write_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- overlap_bench:start -->", "<!-- overlap_bench:end -->"
 RECIPE = "recipes/deepseek_v3_proxy_2gpu.yaml"
 PROXY_SET = [
@@ -312,19 +314,6 @@ def targets(results: dict) -> list[str]:
     return out
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the overlap_bench markers in `path` (or append the section)."""
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 def machine_info() -> dict:
     import importlib.metadata as md
 
@@ -434,7 +423,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"results": results, "machine": machine_info()},
                                               indent=1))
     if args.write:
-        write_section(ROOT / "docs" / "benchmarks.md", section)
+        write_section(ROOT / "docs" / "benchmarks.md", section, MARK_START, MARK_END)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

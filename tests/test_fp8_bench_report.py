@@ -78,3 +78,15 @@ def test_profile_ignores_annotations(bench):
               Event("multi_tensor_apply_kernel<adam>", 1000), Event("custom range", 7000, True)]
     kept = [e for e in events if not is_annotation(e)]
     assert bench.kernel_breakdown(kept) == {"GEMM": 2.0, "optimizer": 1.0}
+
+
+def test_docs_section_is_replaced_in_place_or_appended(tmp_path):
+    from benchmarks.docs_section import write_section
+
+    path = tmp_path / "benchmarks.md"
+    start, end = "<!-- x:start -->", "<!-- x:end -->"
+    write_section(path, "first\n", start, end)
+    assert path.read_text() == f"# Benchmarks\n\n{start}\nfirst\n{end}\n"
+    path.write_text(path.read_text() + "\nhand-written notes\n")
+    write_section(path, "second\n", start, end)
+    assert path.read_text() == f"# Benchmarks\n\n{start}\nsecond\n{end}\n\nhand-written notes\n"

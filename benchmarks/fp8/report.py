@@ -6,6 +6,7 @@ import math
 import subprocess
 from pathlib import Path
 
+from ..docs_section import write_section as write_docs_section
 from .common import FP8_RECIPES, TARGET_SPEEDUP
 from .proxy import DEFAULT_PROXY_SET, KERNEL_CATEGORIES, baseline_variant
 
@@ -227,16 +228,8 @@ def render(results: dict, args, command: str) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the text between the fp8_bench markers in `path` (or append the section)."""
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    """Replace the fp8_bench section of `path` (or append it)."""
+    write_docs_section(path, section, MARK_START, MARK_END)
 
 
 def driver_version() -> str:
