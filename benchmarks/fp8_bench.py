@@ -28,8 +28,8 @@ proxy times whole optimizer steps (synchronized) and takes the median. Every GEM
 checked against an FP32 reference (relative error column).
 
 The code lives in benchmarks/fp8/ (common, harness, gemm, deepgemm, proxy, report); this
-script is the entry point and re-exports the single-process training harness that
-tests/test_fp8_gpu.py uses (`run_training`, `use_fast_synthetic`).
+script is the entry point. The single-process training harness that the GPU tests use is
+benchmarks/fp8/harness.py.
 """
 
 from __future__ import annotations
@@ -48,58 +48,30 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# benchmarks/ has no __init__.py: with ROOT on sys.path it is a namespace package.
 from benchmarks.fp8.common import (  # noqa: E402
     DENSE_SHAPES,
     FP8_RECIPES,
     GROUPED_SHAPES,
     RESULT_TAG,
-    TARGET_SPEEDUP,
     _short,
 )
 from benchmarks.fp8.deepgemm import worker_deepgemm  # noqa: E402
 from benchmarks.fp8.gemm import GROUPED_VARIANTS, make_splits, worker_gemm  # noqa: E402
-from benchmarks.fp8.harness import (  # noqa: E402
-    cache_batches,
-    fast_synthetic_sample,
-    run_training,
-    single_process_env,
-    use_fast_synthetic,
-)
 from benchmarks.fp8.proxy import (  # noqa: E402
-    BF16_MLA,
     DEFAULT_PROXY_SET,
-    KERNEL_CATEGORIES,
     PROXY_MODIFIERS,
     PROXY_PRECISIONS,
     PROXY_RECIPE,
-    PROXY_VARIANTS,
-    baseline_variant,
-    kernel_breakdown,
-    kernel_category,
-    profile_one_step,
     proxy_overrides,
     variant_overrides,
     worker_proxy,
 )
 from benchmarks.fp8.report import (  # noqa: E402
-    MARK_END,
     MARK_START,
     driver_version,
     render,
     write_section,
 )
-
-__all__ = [
-    "BF16_MLA", "DEFAULT_PROXY_SET", "DENSE_SHAPES", "FP8_RECIPES", "GROUPED_SHAPES",
-    "GROUPED_VARIANTS", "KERNEL_CATEGORIES", "MARK_END", "MARK_START", "PROXY_MODIFIERS",
-    "PROXY_PRECISIONS", "PROXY_RECIPE", "PROXY_VARIANTS", "RESULT_TAG", "TARGET_SPEEDUP",
-    "baseline_variant", "cache_batches", "driver_version", "dry_run", "fast_synthetic_sample",
-    "kernel_breakdown", "kernel_category", "main", "make_splits", "parse_args", "profile_one_step",
-    "proxy_overrides", "render", "run_training", "run_worker", "single_process_env",
-    "use_fast_synthetic", "variant_overrides", "worker_deepgemm", "worker_gemm", "worker_proxy",
-    "write_section",
-]
 
 
 def _worker_cmd(args, part: str, variant: str | None = None) -> list[str]:

@@ -26,20 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.fp8.harness import fast_synthetic_sample, run_training
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fp8_proxy_1gpu.yaml"
 STEPS = int(os.environ.get("MDP_FP8_TEST_STEPS", "200"))
 TOLERANCE = 0.0025  # 0.25% relative
 TAIL = 0.2  # last 20% of the steps
-
-
-def _bench():
-    """benchmarks/fp8_bench.py, which holds the single-process training harness."""
-    spec = importlib.util.spec_from_file_location("fp8_bench", ROOT / "benchmarks" /
-                                                  "fp8_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _hopper_with_te() -> str | None:
@@ -83,13 +76,12 @@ def _observe(state, source):
 def runs(tmp_path_factory):
     from megatron_dualpipe.distributed import destroy_distributed
 
-    bench = _bench()
     log_dir = tmp_path_factory.mktemp("fp8_runs")
     out = {}
     try:
         for name, fp8 in (("bf16", "none"), ("blockwise", "blockwise")):
             start = time.perf_counter()
-            out[name] = bench.run_training(_recipe(fp8, log_dir / name), STEPS,
+            out[name] = run_training(_recipe(fp8, log_dir / name), STEPS,
                                            after=_observe if fp8 != "none" else None)
             out[name]["seconds"] = time.perf_counter() - start
             print(f"\n[fp8 test] {name}: {STEPS} steps in {out[name]['seconds']:.0f} s, "
@@ -192,9 +184,8 @@ def test_vectorized_sampler_matches_synthetic_tokens():
     """CPU: the harness's fast sampler draws exactly `SyntheticTokens.sample`'s tokens."""
     from megatron_dualpipe.data import SyntheticTokens
 
-    bench = _bench()
     for vocab, seq, seed in ((32768, 2048, 1234), (256, 32, 7)):
         tokens = SyntheticTokens(vocab, seq, seed)
-        fast = bench.fast_synthetic_sample(tokens)
+        fast = fast_synthetic_sample(tokens)
         for index in (0, 1, 17, 999):
             assert torch.equal(fast(index), tokens.sample(index))

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.fp8.harness import run_training
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fp8_proxy_1gpu.yaml"
 STEPS = int(os.environ.get("MDP_GPU_TRAIN_STEPS", "60"))
@@ -63,15 +65,6 @@ def _why_not() -> str | None:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
 
 
-def _harness():
-    """benchmarks/fp8_bench.py holds the single-process training harness."""
-    spec = importlib.util.spec_from_file_location("fp8_bench", ROOT / "benchmarks" /
-                                                  "fp8_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tail_rel_diff(losses: list[float], ref: list[float], tail: float = TAIL) -> float:
     """Mean |loss - ref| / ref over the last `tail` of the steps."""
     first = len(ref) - max(1, round(tail * len(ref)))
@@ -84,7 +77,6 @@ def runs(tmp_path_factory):
     from megatron_dualpipe.config import load_recipe
     from megatron_dualpipe.distributed import destroy_distributed
 
-    harness = _harness()
     log_dir = tmp_path_factory.mktemp("gpu_training")
     out = {}
     try:
@@ -92,7 +84,7 @@ def runs(tmp_path_factory):
             recipe = load_recipe(RECIPE, [*overrides, f"train.steps={STEPS}",
                                           f"train.log_dir={log_dir / str(i)}"])
             start = time.perf_counter()
-            out[name] = harness.run_training(recipe, STEPS)["losses"]
+            out[name] = run_training(recipe, STEPS)["losses"]
             print(f"\n[gpu training] {name:<22} {time.perf_counter() - start:5.0f} s  loss "
                   f"{out[name][0]:.4f} -> {out[name][-1]:.4f}", flush=True)
     finally:

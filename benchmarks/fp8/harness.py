@@ -7,6 +7,8 @@ import gc
 import os
 import time
 
+from .common import env_vars
+
 
 def fast_synthetic_sample(tokens):
     """A vectorized `SyntheticTokens.sample`, bit-identical (same generator draws), ~1 ms for
@@ -88,36 +90,29 @@ def run_training(recipe, steps: int, *, cache: bool = False, after=None) -> dict
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
 
     check_fp8_environment(recipe)
-    env = fp8_environment_variables(recipe)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     single_process_env()
     state = None
-    try:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        state = T.setup(recipe)
-        source = make_source(recipe, 0, state.device)
-        use_fast_synthetic(source)
-        if cache:
-            cache_batches(source, range(steps))
-        losses, times = [], []
-        for step in range(steps):
-            if state.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            record = T.train_step(state, source, step)
-            times.append(time.perf_counter() - start)
-            losses.append(record["loss"])
-        result = after(state, source) if after is not None else None
-        memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
-        return {"losses": losses, "step_times_s": times, "max_memory_gb": memory,
-                "after": result}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if state is not None:
-            _release(state)
+    with env_vars(fp8_environment_variables(recipe)):
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            state = T.setup(recipe)
+            source = make_source(recipe, 0, state.device)
+            use_fast_synthetic(source)
+            if cache:
+                cache_batches(source, range(steps))
+            losses, times = [], []
+            for step in range(steps):
+                if state.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                record = T.train_step(state, source, step)
+                times.append(time.perf_counter() - start)
+                losses.append(record["loss"])
+            result = after(state, source) if after is not None else None
+            memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+            return {"losses": losses, "step_times_s": times, "max_memory_gb": memory,
+                    "after": result}
+        finally:
+            if state is not None:
+                _release(state)

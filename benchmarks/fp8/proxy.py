@@ -47,8 +47,6 @@ PROXY_MODIFIERS = {
     "bf16mla": ["fp8.bf16_modules=" + BF16_MLA],
 }
 FP8_ONLY_MODIFIERS = ("fused", "bf16mla")
-PROXY_VARIANTS = ("bf16", "blockwise", "blockwise+bf16mla", "current", "delayed",
-                  "blockwise+fused")  # examples; any precision+modifiers combination works
 
 
 def variant_overrides(variant: str) -> list[str]:

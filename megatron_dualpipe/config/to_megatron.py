@@ -144,9 +144,8 @@ def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     return {"recompute_granularity": "selective", "recompute_modules": modules}
 
 
-# (recipe field, needs Transformer Engine) -> TransformerConfig field. Megatron's MLA RoPE
-# fusion is its own Triton kernel and the "native" cross-entropy fusion is a torch JIT function;
-# the others are Transformer Engine kernels.
+# Recipe field -> TransformerConfig field. Megatron's MLA RoPE fusion is its own Triton kernel
+# and the "native" cross-entropy fusion a torch JIT function; the others are TE kernels.
 FUSIONS = {
     "model.rope_fusion": "apply_rope_fusion",
     "model.cross_entropy_fusion": "cross_entropy_loss_fusion",
@@ -155,32 +154,25 @@ FUSIONS = {
 }
 
 
-def _fusions_needing_te(recipe: Recipe) -> list[str]:
-    fields = []
-    if recipe.model.rope_fusion and recipe.model.attention != "mla":
-        fields.append("model.rope_fusion")
-    fields += [f for f, on in (("moe.router_fusion", recipe.moe.router_fusion),
-                               ("moe.permute_fusion", recipe.moe.permute_fusion)) if on]
-    return fields
+def _field(recipe: Recipe, path: str):
+    section, name = path.split(".")
+    return getattr(getattr(recipe, section), name)
 
 
 def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     """The GPU kernel fusions of `model.*_fusion` / `moe.*_fusion` (all off on CPU, where
     Megatron has no such kernels)."""
-    m, moe = recipe.model, recipe.moe
-    values = {"model.rope_fusion": m.rope_fusion, "model.cross_entropy_fusion":
-              m.cross_entropy_fusion, "moe.router_fusion": moe.router_fusion,
-              "moe.permute_fusion": moe.permute_fusion}
-    kw: dict[str, Any] = {FUSIONS[k]: bool(v and on_gpu) for k, v in values.items()}
-    if not on_gpu:
-        return kw
-    needs_te = _fusions_needing_te(recipe)
+    on = {f for f in FUSIONS if _field(recipe, f) and on_gpu}
+    kw: dict[str, Any] = {megatron: f in on for f, megatron in FUSIONS.items()}
+    needs_te = [f for f in FUSIONS if f in on
+                and not (f == "model.cross_entropy_fusion"
+                         or (f == "model.rope_fusion" and recipe.model.attention == "mla"))]
     if needs_te and not transformer_engine_available():
         raise ValueError(
             f"{', '.join(needs_te)}: these fused kernels come from Transformer Engine, which is "
             "not installed; install it or set them to false"
         )
-    if m.cross_entropy_fusion:
+    if "model.cross_entropy_fusion" in on:
         # Megatron-LM rejects TE's cross-entropy kernel by default (stability); use its own.
         kw["cross_entropy_fusion_impl"] = "native"
     return kw

@@ -17,11 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from megatron_dualpipe.fp8.modules import is_te_gemm
-
-
-def _weights(module) -> list:
-    return [p for name, p in module.named_parameters(recurse=False)
-            if name.startswith("weight") and p.requires_grad]
+from megatron_dualpipe.schedules.te_wgrad import weight_params
 
 
 def fuse_te_wgrad_accumulation(chunks: Iterable) -> list[str]:
@@ -32,7 +28,7 @@ def fuse_te_wgrad_accumulation(chunks: Iterable) -> list[str]:
         for name, module in chunk.named_modules():
             if not is_te_gemm(module) or not hasattr(module, "fuse_wgrad_accumulation"):
                 continue
-            weights = _weights(module)
+            weights = weight_params(module)
             if weights and all(hasattr(w, "main_grad") for w in weights):
                 module.fuse_wgrad_accumulation = True
                 names.append(f"chunk{i}.{name}")

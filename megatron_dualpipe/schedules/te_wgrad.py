@@ -46,7 +46,8 @@ def _te_base_backward_dw(module):
     return None
 
 
-def _weights(module) -> list:
+def weight_params(module) -> list:
+    """The trainable `weight*` parameters of a TE module (not its norm weights or biases)."""
     return [p for name, p in module.named_parameters(recurse=False)
             if name.startswith("weight") and p.requires_grad]
 
@@ -55,7 +56,7 @@ def is_deferrable(module) -> bool:
     """A TE module whose weight gradients can be deferred here."""
     if getattr(module, "wgrad_store", None) is None:
         return False
-    if _te_base_backward_dw(module) is None or not _weights(module):
+    if _te_base_backward_dw(module) is None or not weight_params(module):
         return False
     if getattr(module, "fuse_wgrad_accumulation", False):
         return False
@@ -79,7 +80,7 @@ class TEWeightGradDeferral:
             if store.context is None:  # built without delay: give it a delaying store
                 module.wgrad_store = type(store)(True)
             module.wgrad_store.enabled = False
-            for weight in _weights(module):
+            for weight in weight_params(module):
                 weight.register_hook(self._placeholder_guard(module, weight))
 
     def _placeholder_guard(self, module, weight):
@@ -133,7 +134,7 @@ class TEWeightGradDeferral:
             backward_dw = self._backward_dw[id(module)]
             module.wgrad_store.enabled = True  # TE's backward_dw is a no-op when off
             try:
-                weights = _weights(module)
+                weights = weight_params(module)
                 for _ in range(count):
                     kept = [w.grad for w in weights]  # TE assigns .grad: keep what was there
                     for weight in weights:

@@ -7,7 +7,7 @@ which parameters have non-finite gradients (`main_grad`) or values.
         --variant "dualpipev=fp8.recipe=none;parallel.schedule=dualpipev"
 
 Each --variant is NAME=OVERRIDE;OVERRIDE;... (recipe overrides as for `--set`). Uses the
-single-process harness of benchmarks/fp8_bench.py (world size 1).
+single-process harness of benchmarks/fp8/harness.py (world size 1).
 """
 
 from __future__ import annotations
