@@ -59,6 +59,15 @@ def init_distributed(recipe: Recipe, device: torch.device) -> DistEnv:
             timeout=timedelta(minutes=int(os.environ.get("MDP_DIST_TIMEOUT_MIN", 10))),
         )
     p = recipe.parallel
+    if parallel_state.model_parallel_is_initialized():
+        # A second model in the same process (benchmarks, evaluation): same groups or none.
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size())
+        if have != (p.tp, p.pp, p.ep):
+            raise RuntimeError(f"model parallel state is initialized for (tp, pp, ep)={have}, "
+                               f"the recipe needs {(p.tp, p.pp, p.ep)}")
+        return env
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,

@@ -1,0 +1,225 @@
+"""`python -m benchmarks.speed`: plain Megatron-Core vs our 1F1B vs our DualPipeV (PP=1), BF16
+and FP8, interleaved in one process on one GPU. See benchmarks/speed/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "deepseek_v3_rank_1gpu.yaml"
+SYSTEMS = ("mcore_1f1b", "ours_1f1b", "ours_dualpipev")
+TINY_SET = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+            "model.vocab_size=256", "model.seq_length=64", "model.spec=local",
+            "model.dtype=fp32", "model.attention=mha", "model.rope_fusion=false",
+            "model.cross_entropy_fusion=false",
+            "moe.ffn_hidden_size=32", "moe.shared_expert_ffn_hidden_size=32",
+            "moe.grouped_gemm=false", "moe.permute_fusion=false", "fp8.recipe=none",
+            "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16",
+            "model.mla.qk_head_dim=16", "model.mla.qk_pos_emb_head_dim=8",
+            "model.mla.v_head_dim=16", "train.device=cpu", "train.global_batch_size=4"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
+    p.add_argument("--recipe", default=str(RECIPE))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                   help="recipe override for every system (repeatable)")
+    p.add_argument("--layers", type=int, default=2,
+                   help="decoder layers per model (all systems live in one GPU's memory)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--precisions", default="bf16,fp8",
+                   help="bf16 and/or fp8 (the recipe's fp8.recipe, e.g. blockwise)")
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="consecutive steps per variant first (their times show the warm-up)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds after warm-up")
+    p.add_argument("--steps-per-round", type=int, default=2)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one profiled step per variant: GPU kernel ms by category")
+    p.add_argument("--json", default=None, help="write all numbers here")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the table into docs/benchmarks.md (section speed)")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU check: a tiny model on gloo, BF16 only")
+    return p.parse_args(argv)
+
+
+def load(args, schedule: str):
+    from megatron_dualpipe.config import load_recipe
+
+    overrides = [f"model.num_layers={args.layers}", *(TINY_SET if args.tiny else []),
+                 *args.overrides, f"parallel.schedule={schedule}", "parallel.pp=1",
+                 "parallel.ep=1", "parallel.nproc_per_node=1", "parallel.num_nodes=1"]
+    return load_recipe(args.recipe, overrides)
+
+
+def build(args, name: str, device):
+    from benchmarks.speed.systems import MegatronCore, Ours
+
+    if name == "mcore_1f1b":
+        return MegatronCore(load(args, "1f1b"), device)
+    if name == "ours_1f1b":
+        return Ours(load(args, "1f1b"), device)
+    if name == "ours_dualpipev":
+        return Ours(load(args, "dualpipev"), device)
+    raise SystemExit(f"--systems: unknown system {name!r}; allowed: {', '.join(SYSTEMS)}")
+
+
+def init_process_groups(device) -> None:
+    """A world of one process with Megatron-Core's own calls; every system uses these groups.
+    On CPU (--tiny) Megatron-Core needs the project's CPU patches (megatron_dualpipe/patches)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    else:
+        from megatron_dualpipe.patches import apply_cpu_patches
+
+        apply_cpu_patches()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+def memory_gb(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
+
+
+def run(args) -> dict:
+
+    from benchmarks.fp8.harness import single_process_env
+    from benchmarks.speed.flops import training_flops_per_token
+    from benchmarks.speed.systems import CachedBatches, set_fp8
+    from megatron_dualpipe.distributed import resolve_device
+
+    single_process_env()
+    names = [s for s in args.systems.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+    base = load(args, "1f1b")
+    device = resolve_device(base)
+    if device.type == "cpu":
+        precisions = [p for p in precisions if p == "bf16"]
+    init_process_groups(device)
+    fp8_format = base.fp8.format if base.fp8.recipe != "none" else None
+    if "fp8" in precisions and fp8_format is None:
+        raise SystemExit("--precisions fp8 needs a recipe with fp8.recipe set")
+    systems, built_gb = {}, {}
+    for name in names:  # build all first: the models live side by side
+        systems[name] = build(args, name, device)
+        built_gb[name] = memory_gb(device)
+        print(f"[speed] built {name}: peak {built_gb[name]:.1f} GB", flush=True)
+    batches = CachedBatches.from_recipe(base, device)
+    variants = [(n, p) for p in precisions for n in names]
+    times = {f"{n}/{p}": [] for n, p in variants}
+    warmup = {f"{n}/{p}": [] for n, p in variants}
+    losses = {f"{n}/{p}": [] for n, p in variants}
+    step = 0
+
+    def go(name, precision, count, into):
+        nonlocal step
+        system = systems[name]
+        set_fp8(system.model, fp8_format if precision == "fp8" else None)
+        for _ in range(count):
+            record = system.step(batches, step)
+            into[f"{name}/{precision}"].append(record["step_time_s"])
+            losses[f"{name}/{precision}"].append(record["loss"])
+            step += 1
+
+    for name, precision in variants:
+        go(name, precision, args.warmup_steps, warmup)
+        print(f"[speed] warm-up {name}/{precision}: "
+              + " ".join(f"{t * 1e3:.0f}" for t in warmup[f"{name}/{precision}"]) + " ms",
+              flush=True)
+    for r in range(args.rounds):
+        for name, precision in variants:
+            go(name, precision, args.steps_per_round, times)
+        print(f"[speed] round {r + 1}/{args.rounds} done", flush=True)
+    profiles = {}
+    if args.profile and device.type == "cuda":
+        for name, precision in variants:
+            set_fp8(systems[name].model, fp8_format if precision == "fp8" else None)
+            profiles[f"{name}/{precision}"] = profile_step(systems[name], batches, step)
+            step += 1
+    tokens = base.train.global_batch_size * base.model.seq_length
+    flops = training_flops_per_token(base) * tokens
+    peak = 989.0 if device.type == "cuda" else float("nan")
+    rows = {}
+    for key, ts in times.items():
+        median = statistics.median(ts)
+        rows[key] = {
+            "step_s": median, "min_s": min(ts), "max_s": max(ts),
+            "spread_pct": 100 * (max(ts) - min(ts)) / median,
+            "tokens_per_s": tokens / median, "tflops": flops / median / 1e12,
+            "mfu": flops / median / 1e12 / peak,
+            "warmup_s": warmup[key],
+            "warmup_vs_steady": [t / median for t in warmup[key]],
+            "losses": losses[key],
+            "profile": profiles.get(key),
+        }
+    return {"machine": machine(), "recipe": str(Path(args.recipe).relative_to(ROOT))
+            if Path(args.recipe).is_absolute() else args.recipe,
+            "overrides": [f"model.num_layers={args.layers}", *args.overrides],
+            "tokens_per_step": tokens, "flops_per_step": flops, "peak_tflops": peak,
+            "fp8_recipe": base.fp8.recipe, "rows": rows, "built_peak_gb": built_gb,
+            "peak_memory_gb": memory_gb(device), "rounds": args.rounds,
+            "steps_per_round": args.steps_per_round, "command": command_line()}
+
+
+def profile_step(system, batches, step: int) -> dict:
+    """Wall ms and GPU kernel ms per category (benchmarks/fp8/proxy.py's table) of one step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.fp8.proxy import is_annotation, kernel_breakdown, kernel_category
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        record = system.step(batches, step)
+    kernels = [e for e in prof.key_averages()
+               if str(getattr(e, "device_type", "")).endswith("CUDA") and not is_annotation(e)]
+    breakdown = kernel_breakdown(kernels)
+    top = sorted(kernels, key=lambda e: -(e.self_device_time_total or 0))[:15]
+    torch.cuda.synchronize()
+    return {"wall_ms": record["step_time_s"] * 1e3, "busy_ms": sum(breakdown.values()),
+            "kernels_ms": breakdown,
+            "launches": sum(getattr(e, "count", 0) for e in kernels),
+            "top": [(e.key[:100], round(e.self_device_time_total / 1e3, 2), e.count,
+                     kernel_category(e.key)) for e in top]}
+
+
+def machine() -> dict:
+    from benchmarks.fp8.common import machine_info
+
+    return machine_info()
+
+
+def command_line() -> str:
+    return "python -m benchmarks.speed " + " ".join(sys.argv[1:])
+
+
+def main(argv=None) -> int:
+    from benchmarks.speed.report import render, write_docs
+
+    args = parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    result = run(args)
+    print(render(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.write_docs:
+        write_docs(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

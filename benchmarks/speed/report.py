@@ -1,0 +1,101 @@
+"""The table of `benchmarks.speed` and its section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.docs_section import write_section
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+# (numerator, denominator, target): the issue's targets, all from one run.
+RATIOS = (
+    ("ours_1f1b/bf16", "mcore_1f1b/bf16", 0.98),
+    ("ours_1f1b/fp8", "mcore_1f1b/fp8", 0.98),
+    ("ours_dualpipev/bf16", "ours_1f1b/bf16", 0.98),
+    ("ours_dualpipev/fp8", "ours_1f1b/fp8", 0.98),
+    ("mcore_1f1b/fp8", "mcore_1f1b/bf16", 1.30),
+    ("ours_1f1b/fp8", "ours_1f1b/bf16", 1.30),
+    ("ours_dualpipev/fp8", "ours_dualpipev/bf16", 1.30),
+)
+
+
+def ratios(rows: dict) -> list[tuple[str, str, float, float, float, float]]:
+    """(a, b, speed of a over b by medians, lowest and highest over the rounds' extremes,
+    target) for each pair present."""
+    out = []
+    for a, b, target in RATIOS:
+        if a in rows and b in rows:
+            ra, rb = rows[a], rows[b]
+            out.append((a, b, rb["step_s"] / ra["step_s"], rb["min_s"] / ra["max_s"],
+                        rb["max_s"] / ra["min_s"], target))
+    return out
+
+
+def render(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        "| system / precision | step ms (median) | spread | tokens/s | model TFLOP/s | MFU | "
+        "warm-up steps / steady |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, r in rows.items():
+        warm = " ".join(f"{x:.2f}" for x in r["warmup_vs_steady"])
+        lines.append(
+            f"| {key} | {r['step_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f} "
+            f"({r['spread_pct']:.1f}%) | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+            f"{r['mfu'] * 100:.1f}% | {warm} |")
+    lines += ["", "| ratio (speed) | median | range | target |", "| --- | --- | --- | --- |"]
+    for a, b, median, low, high, target in ratios(rows):
+        verdict = "met" if median >= target else "missed"
+        lines.append(f"| {a} over {b} | {median:.3f}x | {low:.3f}-{high:.3f} | "
+                     f">= {target:.2f}x ({verdict}) |")
+    profiled = {k: r["profile"] for k, r in rows.items() if r.get("profile")}
+    if profiled:
+        categories = sorted({c for p in profiled.values() for c in p["kernels_ms"]},
+                            key=lambda c: -max(p["kernels_ms"].get(c, 0) for p in
+                                               profiled.values()))
+        lines += ["", "One profiled step per variant, GPU kernel ms by category:", "",
+                  "| variant | wall ms | busy ms | launches | " + " | ".join(categories) + " |",
+                  "| --- " * (4 + len(categories)) + "|"]
+        for key, p in profiled.items():
+            cells = " | ".join(f"{p['kernels_ms'].get(c, 0):.1f}" for c in categories)
+            lines.append(f"| {key} | {p['wall_ms']:.0f} | {p['busy_ms']:.0f} | "
+                         f"{p['launches']} | {cells} |")
+    return "\n".join(lines)
+
+
+def section(result: dict) -> str:
+    m = result["machine"]
+    return (
+        "## Whole-step speed at V3 per-GPU shapes (`python -m benchmarks.speed`)\n\n"
+        f"Machine: {m.get('gpu', 'CPU')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+        f"Transformer Engine {m.get('transformer_engine')}, cuBLASLt {m.get('cublaslt')}, "
+        f"megatron-core {m.get('megatron_core')}, Python {m.get('python')}.\n"
+        f"Command: `{result['command']}` (recipe `{result['recipe']}`, overrides "
+        f"`{' '.join(result['overrides'])}`; FP8 = {result['fp8_recipe']}).\n"
+        f"One process, systems interleaved: {result['rounds']} rounds x "
+        f"{result['steps_per_round']} steps per system and precision after the warm-up steps; "
+        f"{result['tokens_per_step']:,} tokens per step; MFU against "
+        f"{result['peak_tflops']:.0f} dense BF16 TFLOP/s; peak memory of the whole process "
+        f"{result['peak_memory_gb']:.1f} GB.\n\n" + render(result) + "\n"
+    )
+
+
+def write_docs(result: dict, path: Path = DOCS) -> None:
+    write_section(path, section(result), START, END)
+
+
+def main(argv=None) -> int:
+    """Re-render the docs section from a saved `--json` file."""
+    import sys
+
+    (path,) = argv if argv is not None else sys.argv[1:]
+    write_docs(json.loads(Path(path).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
