@@ -49,25 +49,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(args, schedule: str):
+# "+modifier" on an `ours_*` system: recipe overrides (e.g. ours_dualpipev+plain).
+MODIFIERS = {
+    "plain": ["parallel.overlap_fb=false", "parallel.zero_bubble=false"],
+    "nofuse": ["parallel.overlap_fb=false"],
+    "nozb": ["parallel.zero_bubble=false"],
+}
+
+
+def load(args, schedule: str, extra=()):
     from megatron_dualpipe.config import load_recipe
 
     overrides = [f"model.num_layers={args.layers}", *(TINY_SET if args.tiny else []),
                  *args.overrides, f"parallel.schedule={schedule}", "parallel.pp=1",
-                 "parallel.ep=1", "parallel.nproc_per_node=1", "parallel.num_nodes=1"]
+                 "parallel.ep=1", "parallel.nproc_per_node=1", "parallel.num_nodes=1", *extra]
     return load_recipe(args.recipe, overrides)
 
 
 def build(args, name: str, device):
+    """`mcore_1f1b`, or `ours_<schedule>[+modifier...]` with modifiers from MODIFIERS."""
     from benchmarks.speed.systems import MegatronCore, Ours
 
     if name == "mcore_1f1b":
         return MegatronCore(load(args, "1f1b"), device)
-    if name == "ours_1f1b":
-        return Ours(load(args, "1f1b"), device)
-    if name == "ours_dualpipev":
-        return Ours(load(args, "dualpipev"), device)
-    raise SystemExit(f"--systems: unknown system {name!r}; allowed: {', '.join(SYSTEMS)}")
+    base, *modifiers = name.split("+")
+    schedule = base.removeprefix("ours_")
+    if not base.startswith("ours_") or schedule not in ("1f1b", "dualpipev") or any(
+            m not in MODIFIERS for m in modifiers):
+        raise SystemExit(f"--systems: unknown system {name!r}; allowed: mcore_1f1b, "
+                         f"ours_1f1b, ours_dualpipev, with +{', +'.join(MODIFIERS)}")
+    system = Ours(load(args, schedule, [o for m in modifiers for o in MODIFIERS[m]]), device)
+    system.name = name
+    return system
 
 
 def init_process_groups(device) -> None:
@@ -98,7 +111,7 @@ def memory_gb(device) -> float:
 def run(args) -> dict:
 
     from benchmarks.fp8.harness import single_process_env
-    from benchmarks.speed.flops import training_flops_per_token
+    from benchmarks.speed.flops import H200_BF16_DENSE_TFLOPS, training_flops_per_token
     from benchmarks.speed.systems import CachedBatches, set_fp8
     from megatron_dualpipe.distributed import resolve_device
 
@@ -152,7 +165,7 @@ def run(args) -> dict:
             step += 1
     tokens = base.train.global_batch_size * base.model.seq_length
     flops = training_flops_per_token(base) * tokens
-    peak = 989.0 if device.type == "cuda" else float("nan")
+    peak = H200_BF16_DENSE_TFLOPS if device.type == "cuda" else float("nan")
     rows = {}
     for key, ts in times.items():
         median = statistics.median(ts)
