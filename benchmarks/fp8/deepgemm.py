@@ -7,63 +7,22 @@ import inspect
 import time
 import traceback
 
+from .blockwise_quant import quant_1x128 as _cast_1x128
+from .blockwise_quant import quant_groups_128x128 as _cast_groups_128x128
+from .blockwise_quant import quant_k_major_groups as _cast_k_major_groups
 from .common import GROUPED_SHAPES, _short, machine_info, rel_err, time_cuda
 from .gemm import _grouped_ref, make_splits
 
 
-def _cast_1x128(x):
-    """[m, k] -> (fp8 [m, k], fp32 scales [m, k/128]): 1x128 tiles, as DeepSeek-V3."""
-    import torch
-
-    m, k = x.shape
-    v = x.float().view(m, k // 128, 128)
-    sf = v.abs().amax(-1).clamp(min=1e-4) / 448.0
-    return (v / sf.unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, k), sf
-
-
-def _cast_128x128(w):
-    """[n, k] -> (fp8 [n, k], fp32 scales [ceil(n/128), k/128]): 128x128 blocks."""
-    import torch
-
-    n, k = w.shape
-    n_pad = -(-n // 128) * 128
-    padded = torch.zeros(n_pad, k, device=w.device, dtype=torch.float32)
-    padded[:n] = w.float()
-    v = padded.view(n_pad // 128, 128, k // 128, 128)
-    sf = v.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4) / 448.0
-    q = (v / sf).to(torch.float8_e4m3fn).view(n_pad, k)[:n].contiguous()
-    return q, sf.view(n_pad // 128, k // 128)
-
-
-def _cast_groups_128x128(ws):
-    import torch
-
-    qs, sfs = zip(*(_cast_128x128(w) for w in ws), strict=True)
-    return torch.stack(qs), torch.stack(sfs)
-
-
-def _cast_k_major_groups(x, ks):
-    """K-grouped operand for DeepGEMM's SM90 wgrad kernel: per group rows [k_g, mn] cast with
-    128x1 tiles along k, stored transposed (k-major) and flattened; scales [mn, sum k_g/128]."""
-    import torch
-
-    mn = x.size(1)
-    data = torch.zeros(x.numel(), dtype=torch.float8_e4m3fn, device=x.device)
-    sfs, start = [], 0
-    for k in ks:
-        if k == 0:
-            continue
-        v = x[start:start + k].float().view(k // 128, 128, mn)
-        sf = v.abs().amax(1).clamp(min=1e-4) / 448.0
-        q = (v / sf.unsqueeze(1)).to(torch.float8_e4m3fn).view(k, mn)
-        data[start * mn:(start + k) * mn] = q.t().flatten()
-        sfs.append(sf)
-        start += k
-    return data, torch.cat(sfs).t()
-
-
 def _dg_call(fn, *args, **kwargs):
-    params = inspect.signature(fn).parameters
+    """Call with the keyword arguments `fn` accepts (all of them when its signature is unknown,
+    as for pybind11 functions, or takes **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
     return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
