@@ -61,14 +61,19 @@ def test_totals_ratios_and_table_rows():
         for r in parts.values():
             if "ms" in r and "tflops" not in r:
                 r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-    row = {"shape": "s", "routes": {"bf16": bf16, "deepgemm": dg}}
+    failed = {"error": "RuntimeError: 12 ms"}  # a route that failed as a whole
+    row = {"shape": "s", "routes": {"bf16": bf16, "deepgemm": dg, "torch": failed}}
     G.add_ratios(row)
     assert dg["fwd"]["vs_bf16"] == pytest.approx(2.0)
     assert dg["fwd+quant"]["vs_bf16"] == pytest.approx(1.0 / 0.6)
     assert dg["total"]["vs_bf16"] == pytest.approx(4.0 / 2.1)
-    assert "vs_bf16" not in dg["dgrad+quant"]
-    rows = G.markdown_rows({"dense": [row]})
-    assert rows[1].startswith("| s | deepgemm | ")
+    assert "vs_bf16" not in dg["dgrad+quant"] and failed == {"error": "RuntimeError: 12 ms"}
+    rows = G.markdown_rows({"dense": [row, {"shape": "t", "error": "skipped: --budget-s 1"}]})
+    assert rows[0] == ("| s | bf16 | 90 (1.00x) | - | 90 (1.00x) | 45 (1.00x) "
+                       "| 68 (1.00x) |")
+    assert rows[1].startswith("| s | deepgemm | 180 (2.00x) | 150 (1.67x) | 180 (2.00x) | ")
+    assert rows[2] == "| s | torch | error | error | error | error | error |"
+    assert rows[3].startswith("| t | - | skipped")
     assert "ERROR RuntimeError: boom" in G.summary(dg) and "fwd 0.500 ms" in G.summary(dg)
 
 

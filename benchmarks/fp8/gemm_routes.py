@@ -156,8 +156,8 @@ def add_ratios(row: dict) -> None:
     base = row["routes"].get("bf16", {})
     for route in row["routes"].values():
         for part, res in route.items():
-            ref = base.get(part.split("+")[0], {})
-            if "ms" in res and "ms" in ref:
+            ref = base.get(part.split("+")[0])
+            if isinstance(res, dict) and isinstance(ref, dict) and "ms" in res and "ms" in ref:
                 res["vs_bf16"] = ref["ms"] / res["ms"]
 
 
@@ -288,10 +288,12 @@ def markdown_rows(results: dict) -> list[str]:
     ratio to BF16."""
     rows = []
     for row in results.get("dense", []) + results.get("grouped", []):
-        for route, parts in row["routes"].items():
+        if "routes" not in row:
+            rows.append(f"| {row['shape']} | - | {row.get('error', '?')} | | | | |")
+        for route, parts in row.get("routes", {}).items():
             cells = []
             for part in ("fwd", "fwd+quant", "dgrad", "wgrad", "total"):
-                r = parts.get(part, {})
+                r = parts.get(part, parts if "error" in parts else {})
                 cells.append(f"{r['tflops']:.0f} ({r.get('vs_bf16', float('nan')):.2f}x)"
                              if "tflops" in r else ("error" if "error" in r else "-"))
             rows.append(f"| {row['shape']} | {route} | " + " | ".join(cells) + " |")
