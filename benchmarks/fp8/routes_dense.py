@@ -72,33 +72,40 @@ def bf16_torch(c: DenseCase) -> dict:
 
 
 def te_linear(c: DenseCase, recipe_name: str, args) -> dict:
-    """TE Linear under the recipe's autocast: `fwd` (no grad, weights cached after the first
-    call as with is_first_microbatch=False: activation quantization + GEMM) and `total`
-    (fwd+bwd with autograd, weights cached; reuses gemm._bench_te_linear)."""
+    """TE Linear under the recipe's autocast (gemm._bench_te_linear for the total)."""
     import torch
     import transformer_engine.pytorch as te
 
-    from .common import te_autocast, te_recipe
     from .gemm import _bench_te_linear
 
     layer = te.Linear(c.K, c.N, bias=False, params_dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         layer.weight.copy_(c.W)
+    x = c.x.detach().clone().requires_grad_(True)
+    return te_specs(c, recipe_name, lambda first: layer(c.x, is_first_microbatch=first),
+                    lambda: _bench_te_linear(te, c.W, x, c.dy, recipe_name, True, args))
+
+
+def te_specs(c, recipe_name: str, forward, bench_total) -> dict:
+    """`fwd`: `forward(is_first_microbatch)` without grad under the recipe's autocast, weights
+    cached after the first call (activation quantization + GEMM); `total`: fwd+bwd as measured
+    by `bench_total()` (weights cached too)."""
+    import torch
+
+    from .common import te_autocast, te_recipe
+
     recipe = te_recipe(recipe_name)
     calls = {"n": 0}
-    out = {}
+    out, total = {}, {}
 
     def fwd():
         first = calls["n"] == 0
         calls["n"] += 1
         with torch.no_grad(), te_autocast(recipe):
-            out["y"] = layer(c.x, is_first_microbatch=first)
+            out["y"] = forward(first)
 
-    x = c.x.detach().clone().requires_grad_(True)
-    total = {}
-
-    def run_total():  # one full fwd+bwd measurement; the runner times it as a whole
-        total.update(_bench_te_linear(te, c.W, x, c.dy, recipe_name, True, args))
+    def run_total():  # one full fwd+bwd measurement; the runner takes its result as it is
+        total.update(bench_total())
 
     bound = BF16_BOUND if recipe is None else FP8_BOUND
     return {

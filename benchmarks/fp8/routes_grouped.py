@@ -16,7 +16,7 @@ from .blockwise_quant import (
     te_quantize_1x128,
 )
 from .common import rel_err
-from .routes_dense import BF16_BOUND, FP8_BOUND, _spec, _with_scale_view
+from .routes_dense import BF16_BOUND, FP8_BOUND, _spec, _with_scale_view, te_specs
 
 
 class GroupedCase:
@@ -76,12 +76,11 @@ def bf16_grouped_mm(c: GroupedCase) -> dict:
 
 
 def te_grouped(c: GroupedCase, recipe_name: str, args) -> dict:
-    """TE GroupedLinear (one GEMM per expert) under the recipe's autocast, weights cached:
-    `fwd` (no grad) and `total` (fwd+bwd, gemm._bench_te_grouped)."""
+    """TE GroupedLinear (one GEMM per expert) under the recipe's autocast, weights cached
+    (gemm._bench_te_grouped for the total)."""
     import torch
     import transformer_engine.pytorch as te
 
-    from .common import te_autocast, te_recipe
     from .gemm import _bench_te_grouped
 
     layer = te.GroupedLinear(c.G, c.K, c.N, bias=False, params_dtype=torch.bfloat16,
@@ -93,28 +92,11 @@ def te_grouped(c: GroupedCase, recipe_name: str, args) -> dict:
                 p.copy_(w)
         else:
             params[0].copy_(c.Ws.view_as(params[0]))
-    recipe = te_recipe(recipe_name)
-    calls = {"n": 0}
-    out = {}
-
-    def fwd():
-        first = calls["n"] == 0
-        calls["n"] += 1
-        with torch.no_grad(), te_autocast(recipe):
-            out["y"] = layer(c.x, c.splits, is_first_microbatch=first)
-
     x = c.x.detach().clone().requires_grad_(True)
-    total = {}
     variant = {"name": recipe_name, "recipe": recipe_name, "cached": True}
-
-    def run_total():
-        total.update(_bench_te_grouped(te, c.Ws, x, c.dy, c.splits, variant, args))
-
-    bound = BF16_BOUND if recipe is None else FP8_BOUND
-    return {
-        "fwd": _spec(fwd, lambda: rel_err(out["y"], c.y_ref), c.flops, bound),
-        "total": _spec(None, None, 3 * c.flops, bound, measure=run_total, result=total),
-    }
+    return te_specs(c, recipe_name,
+                    lambda first: layer(c.x, c.splits, is_first_microbatch=first),
+                    lambda: _bench_te_grouped(te, c.Ws, x, c.dy, c.splits, variant, args))
 
 
 def deepgemm_alignment(dg) -> int:
