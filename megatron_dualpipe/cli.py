@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from megatron_dualpipe.errors import UserError
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML recipe")
@@ -37,7 +39,7 @@ def _run_train(args) -> int:
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
         if recipe.parallel.num_nodes > 1:
-            raise ValueError(
+            raise UserError(
                 f"parallel.num_nodes={recipe.parallel.num_nodes}: start multi-node jobs with "
                 "torchrun or scripts/train.sbatch"
             )
@@ -46,7 +48,7 @@ def _run_train(args) -> int:
     expected = world_size(recipe)
     actual = int(os.environ["WORLD_SIZE"])
     if actual != expected:
-        raise ValueError(
+        raise UserError(
             f"the job has WORLD_SIZE={actual} processes but the recipe needs {expected} "
             "(parallel.num_nodes x parallel.nproc_per_node); fix one of them"
         )
@@ -76,10 +78,7 @@ def _optional_subcommands(sub) -> None:
     import importlib
 
     for name, (module, help_text) in _OPTIONAL.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text)
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
@@ -92,6 +91,6 @@ def main(argv=None) -> int:
         if args.command == "train":
             return _run_train(args)
         return args._module.run(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"megatron-dualpipe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code

@@ -17,6 +17,7 @@ from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config.load import apply_overrides, format_validation_error, load_raw
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.stage_split import check_stage_split
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.planning import make_plan
 
 B = 1e9
@@ -32,7 +33,7 @@ def load_plan_recipe(path: str | Path, overrides=()) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, str(path))) from None
+        raise UserError(format_validation_error(err, str(path))) from None
     if recipe.parallel.layers_per_stage is None:
         V.validate_recipe(recipe)
     else:
@@ -65,9 +66,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"megatron-dualpipe plan: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 # ---------------------------------------------------------------------------- text output

@@ -91,3 +91,22 @@ def test_missing_command_is_a_usage_error(capsys):
         cli.main([])
     assert exit_.value.code == 2
     assert "usage: megatron-dualpipe" in capsys.readouterr().err
+
+
+def test_only_user_errors_are_caught(capsys, monkeypatch):
+    """A UserError is one line and exit 2; any other exception (a bug) keeps its traceback."""
+    from megatron_dualpipe.errors import UserError
+
+    def user_mistake(args):
+        raise UserError("train.steps=0: must be >= 1")
+
+    monkeypatch.setattr(cli, "_run_train", user_mistake)
+    assert cli.main(["train", TINY]) == 2
+    assert capsys.readouterr().err == f"{PREFIX}train.steps=0: must be >= 1\n"
+
+    def bug(args):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(cli, "_run_train", bug)
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        cli.main(["train", TINY])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.model.layout import chunk_placements
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def layers_of_stage(recipe: Recipe, stage: int) -> range:
     """Global decoder-layer indices held by `stage`."""
     sizes = stage_sizes(recipe)
     if not 0 <= stage < len(sizes):
-        raise ValueError(f"stage {stage} out of range: the recipe has {len(sizes)} stages")
+        raise UserError(f"stage {stage} out of range: the recipe has {len(sizes)} stages")
     start = sum(sizes[:stage])
     return range(start, start + sizes[stage])
 
@@ -48,7 +49,7 @@ def layers_of_stage(recipe: Recipe, stage: int) -> range:
 def check_stage_split(recipe: Recipe) -> None:
     """Layer split rules; replaces `validate.check_layers` (which it calls when no explicit split).
 
-    Raises `ValueError` naming the fields involved.
+    Raises `UserError` naming the fields involved.
     """
     from megatron_dualpipe.config.validate import check_layers, check_model_shape
 
@@ -60,14 +61,14 @@ def check_stage_split(recipe: Recipe) -> None:
     stages = num_stages(recipe)
     where = f"parallel.schedule={p.schedule}, parallel.pp={p.pp}"
     if len(explicit) != stages:
-        raise ValueError(
+        raise UserError(
             f"parallel.layers_per_stage has {len(explicit)} entries but {where} has {stages} "
             "pipeline stages; give one decoder-layer count per stage"
         )
     if any(n < 0 for n in explicit):
-        raise ValueError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
+        raise UserError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
     if sum(explicit) != m.num_layers:
-        raise ValueError(
+        raise UserError(
             f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
             f"{m.num_layers}"
         )

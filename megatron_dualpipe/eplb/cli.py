@@ -23,12 +23,13 @@ from megatron_dualpipe.eplb.planner import (
     rebalance_experts,
 )
 from megatron_dualpipe.eplb.report import gpu_loads, report
+from megatron_dualpipe.errors import UserError
 
 EXIT_BAD_INPUT = 2
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+class CliError(UserError):
+    """A mistake in an ``eplb`` argument or input file: printed as one line, exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

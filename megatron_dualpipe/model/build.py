@@ -14,6 +14,7 @@ from megatron_dualpipe.config.stage_split import megatron_layout
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.distributed import process_groups
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.fp8.overrides import apply_bf16_modules
 from megatron_dualpipe.model.init import init_chunk
 from megatron_dualpipe.model.layout import ChunkPlacement, chunk_placements
@@ -25,7 +26,7 @@ def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
     if spec == "auto":
         return device.type == "cuda" and _te_available()
     if spec == "te" and not _te_available():
-        raise ValueError(
+        raise UserError(
             "model.spec=te needs Transformer Engine (pip install 'megatron_dualpipe[gpu]')"
         )
     return spec == "te"

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from megatron_dualpipe.errors import UserError
+
 SCHEDULES = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
 KINDS = ("F", "B", "W", "FB")
 
@@ -353,17 +355,17 @@ def _nearest(value: int, ok, lo: int = 1) -> str:
 
 def validate(schedule: str, num_ranks: int, num_microbatches: int,
              num_layers: int | None = None, num_chunks: int = 2) -> None:
-    """Raise ValueError (naming the recipe field and nearest valid values) if unsupported."""
+    """Raise UserError (naming the recipe field and nearest valid values) if unsupported."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+        raise UserError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
     n, m = num_ranks, num_microbatches
     if n < 1:
-        raise ValueError(f"parallel.pp={n} must be >= 1")
+        raise UserError(f"parallel.pp={n} must be >= 1")
     if schedule == "dualpipe" and n % 2:
-        raise ValueError(f"parallel.pp={n} must be even for dualpipe; "
+        raise UserError(f"parallel.pp={n} must be even for dualpipe; "
                          f"nearest valid: {_nearest(n, lambda v: v % 2 == 0, lo=2)}")
     if schedule == "interleaved" and num_chunks < 2:
-        raise ValueError(f"num_chunks={num_chunks} must be >= 2 for interleaved")
+        raise UserError(f"num_chunks={num_chunks} must be >= 2 for interleaved")
     if schedule == "dualpipe":
         ok, need = (lambda v: v % 2 == 0 and v >= 2 * n), f"even and >= 2*parallel.pp={2 * n}"
     elif schedule == "dualpipev":
@@ -373,13 +375,13 @@ def validate(schedule: str, num_ranks: int, num_microbatches: int,
     else:
         ok, need = (lambda v: v >= 1), ">= 1"
     if not ok(m):
-        raise ValueError(f"train.num_microbatches={m} must be {need} for {schedule}; "
+        raise UserError(f"train.num_microbatches={m} must be {need} for {schedule}; "
                          f"nearest valid: {_nearest(m, ok)}")
     if num_layers is not None:
         # DualPipe holds N layer blocks (each rank keeps two of them: 2x parameters).
         parts = {"dualpipe": n, "dualpipev": 2 * n, "interleaved": n * num_chunks}.get(schedule, n)
         if num_layers < parts or num_layers % parts:
-            raise ValueError(
+            raise UserError(
                 f"model.num_layers={num_layers} must be a multiple of {parts} "
                 f"(stages of {schedule} with parallel.pp={n}); "
                 f"nearest valid: {_nearest(num_layers, lambda v: v % parts == 0, lo=parts)}")
