@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe
+from megatron_dualpipe.schedules.spec import SPECS
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def init_distributed(recipe: Recipe, device: torch.device) -> DistEnv:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
-        get_embedding_ranks=embedding_ranks if p.schedule in ("dualpipe", "dualpipev") else None,
+        get_embedding_ranks=embedding_ranks if SPECS[p.schedule].dualpipe_family else None,
     )
     return env
 

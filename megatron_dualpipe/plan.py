@@ -19,6 +19,7 @@ from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.stage_split import check_stage_split
 from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.planning import make_plan
+from megatron_dualpipe.schedules.spec import SPECS
 
 B = 1e9
 
@@ -117,7 +118,7 @@ def format_plan(plan: dict) -> str:
     p, prm, mtp = plan["parallel"], plan["params"], plan["params"]["mtp"]
     mtp_layers = plan["mtp_num_layers"]
     stages = plan["stages"]
-    copies = " (each held by 2 mirror ranks)" if p["schedule"] == "dualpipe" else ""
+    copies = " (each held by 2 mirror ranks)" if SPECS[p["schedule"]].bidirectional else ""
     lines = [f"recipe {plan['name']} ({plan['recipe']}): valid"]
     lines.append(
         f"world size {plan['world_size']} = {_plural(plan['num_nodes'], 'node')} x "

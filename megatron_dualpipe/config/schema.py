@@ -10,7 +10,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Schedule = Literal["1f1b", "interleaved", "dualpipe", "dualpipev"]
+from megatron_dualpipe.schedules.spec import TRAIN_SCHEDULES
+
+Schedule = Literal[TRAIN_SCHEDULES]
 FP8Recipe = Literal["none", "blockwise", "delayed", "current", "mxfp8"]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from megatron_dualpipe.errors import UserError
-from megatron_dualpipe.model.layout import chunk_placements
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def num_stages(recipe: Recipe) -> int:
     """Number of layer blocks the schedule cuts the decoder into (see module docstring)."""
     p = recipe.parallel
-    return chunk_placements(p.schedule, p.pp, 0, p.vpp)[0].num_stages
+    return SPECS[p.schedule].num_stages(p.pp, p.vpp)
 
 
 def stage_sizes(recipe: Recipe) -> list[int]:

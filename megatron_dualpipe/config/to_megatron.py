@@ -9,6 +9,7 @@ import torch
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 
 def _dtype(recipe: Recipe) -> torch.dtype:
@@ -18,11 +19,7 @@ def _dtype(recipe: Recipe) -> torch.dtype:
 def virtual_pipeline_size(recipe: Recipe) -> int | None:
     """Model chunks per rank as Megatron sees them (DualPipeV: 2, V-shaped offsets)."""
     p = recipe.parallel
-    if p.schedule == "interleaved":
-        return p.vpp
-    if p.schedule == "dualpipev":
-        return 2
-    return None
+    return SPECS[p.schedule].megatron_vpp(p.vpp)
 
 
 def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str, Any]:

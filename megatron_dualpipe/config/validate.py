@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -66,9 +67,10 @@ def check_parallel(recipe: Recipe) -> None:
             f"(world size {world} / parallel.pp {p.pp} = {world // p.pp}); valid: "
             f"{_divisors(world // p.pp)}"
         )
-    if p.schedule == "interleaved" and p.vpp is None:
+    spec = SPECS[p.schedule]
+    if spec.needs_vpp and p.vpp is None:
         raise UserError("parallel.vpp is required for parallel.schedule=interleaved (e.g. 2)")
-    if p.schedule != "interleaved" and p.vpp is not None:
+    if not spec.needs_vpp and p.vpp is not None:
         raise UserError(
             "parallel.vpp applies only to parallel.schedule=interleaved "
             f"(schedule is {p.schedule}); "
@@ -76,12 +78,12 @@ def check_parallel(recipe: Recipe) -> None:
         )
     # DualPipeV with one pipeline rank is well defined: rank 0 holds both stages of the V
     # (the turn is local); bidirectional DualPipe needs a mirror rank.
-    if p.schedule == "dualpipe" and p.pp < 2:
+    if spec.bidirectional and p.pp < 2:
         raise UserError(
             f"parallel.schedule=dualpipe needs an even parallel.pp >= 2 (got {p.pp}); nearest "
             "valid: parallel.pp=2, or parallel.schedule=dualpipev (allows parallel.pp=1)"
         )
-    if p.schedule == "dualpipe" and p.pp % 2:
+    if spec.bidirectional and p.pp % 2:
         raise UserError(
             f"parallel.pp={p.pp} must be even for dualpipe; nearest valid: "
             f"{_nearest([v for v in range(2, 2 * p.pp + 2, 2)], p.pp)}"
@@ -90,11 +92,7 @@ def check_parallel(recipe: Recipe) -> None:
 
 def num_pipeline_stages(recipe: Recipe) -> int:
     p = recipe.parallel
-    if p.schedule == "dualpipev":
-        return 2 * p.pp
-    if p.schedule == "interleaved":
-        return p.pp * (p.vpp or 1)
-    return p.pp
+    return SPECS[p.schedule].num_stages(p.pp, p.vpp)
 
 
 def check_layers(recipe: Recipe) -> None:
@@ -183,14 +181,16 @@ def check_batch(recipe: Recipe) -> None:
                        t.global_batch_size)
         )
     p = recipe.parallel
-    if p.schedule in ("dualpipe", "dualpipev"):
+    spec = SPECS[p.schedule]
+    if spec.dualpipe_family:
         m = num_microbatches(recipe)
-        need = 2 * p.pp
-        if m < need or (p.schedule == "dualpipe" and m % 2):
+        need = spec.min_microbatches(p.pp)
+        if m < need or m % spec.microbatch_multiple:
             valid = need if m < need else m + 1
             raise UserError(
                 f"parallel.schedule={p.schedule} with parallel.pp={p.pp} needs an "
-                f"{'even ' if p.schedule == 'dualpipe' else ''}number of micro-batches >= {need}, "
+                f"{'even ' if spec.microbatch_multiple == 2 else ''}number of micro-batches "
+                f">= {need}, "
                 f"got {m} (train.global_batch_size / (train.micro_batch_size x dp)); nearest valid "
                 f"train.global_batch_size: {valid * unit}"
             )
@@ -240,7 +240,7 @@ def check_fp8(recipe: Recipe) -> None:
 def check_fusions(recipe: Recipe) -> None:
     p = recipe.parallel
     if (recipe.model.gradient_accumulation_fusion and p.zero_bubble
-            and p.schedule in ("dualpipe", "dualpipev")):
+            and SPECS[p.schedule].dualpipe_family):
         raise UserError(
             f"model.gradient_accumulation_fusion=true cannot be combined with parallel.schedule="
             f"{p.schedule} and parallel.zero_bubble=true (the zero-bubble W split defers "

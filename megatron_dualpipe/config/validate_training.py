@@ -13,25 +13,23 @@ from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config.validate import data_parallel_size
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
-
-DUALPIPE = ("dualpipe", "dualpipev")
-
 
 def batch_increment(recipe: Recipe) -> int:
     """Smallest global-batch step that keeps the micro-batch count valid for the schedule:
     micro_batch_size x dp, twice that for dualpipe (an even number of micro-batches)."""
     unit = recipe.train.micro_batch_size * data_parallel_size(recipe)
-    return 2 * unit if recipe.parallel.schedule == "dualpipe" else unit
+    return SPECS[recipe.parallel.schedule].microbatch_multiple * unit
 
 
 def min_global_batch(recipe: Recipe) -> int:
     """Smallest global batch the schedule runs (DualPipe/V: 2 x pp micro-batches per DP rank)."""
     unit = recipe.train.micro_batch_size * data_parallel_size(recipe)
     p = recipe.parallel
-    return 2 * p.pp * unit if p.schedule in DUALPIPE else unit
+    return SPECS[p.schedule].min_microbatches(p.pp) * unit
 
 
 def check_batch_ramp(recipe: Recipe) -> list[str]:
@@ -50,7 +48,8 @@ def check_batch_ramp(recipe: Recipe) -> list[str]:
         raise UserError(f"{name}: need 0 < start <= end and ramp_samples > 0 (>= 0 when "
                          "start = end)")
     inc = batch_increment(recipe)
-    why = (f"train.micro_batch_size x data-parallel size = {inc}" if p.schedule != "dualpipe"
+    bidirectional = SPECS[p.schedule].bidirectional
+    why = (f"train.micro_batch_size x data-parallel size = {inc}" if not bidirectional
            else f"2 x train.micro_batch_size x data-parallel size = {inc} (dualpipe runs an "
            "even number of micro-batches)")
     for label, value in (("start", start), ("end - start", end - start)):

@@ -12,13 +12,14 @@ import json
 import sys
 
 from megatron_dualpipe.errors import UserError
-from megatron_dualpipe.schedules.actions import SCHEDULES, build_actions, validate
+from megatron_dualpipe.schedules.actions import build_actions, validate
 from megatron_dualpipe.schedules.simulator import (
     Costs,
     SimResult,
     closed_form_bubble,
     simulate,
 )
+from megatron_dualpipe.schedules.spec import SCHEDULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
