@@ -25,6 +25,7 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from megatron_dualpipe import launch
     from megatron_dualpipe.config import load_recipe, world_size
+    from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 
     overrides = list(args.overrides)
     if args.nproc_per_node:
@@ -34,7 +35,8 @@ def _run_train(args) -> int:
 
         first, end = parse_steps(args.profile_steps)
         overrides.append(f"train.profile_steps='{first}:{end}'")
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)  # schema and RECIPE_RULES
+    check_recipe(recipe, args.recipe, TRAIN_RULES)  # once here, before any worker starts
     launch.adopt_slurm_env()
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes

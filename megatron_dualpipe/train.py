@@ -11,11 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
+from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
-from megatron_dualpipe.config.validate_training import (
-    check_training_rules,
-    unsupported_for_training,
-)
 from megatron_dualpipe.data import make_source
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
 from megatron_dualpipe.lr_scheduler import build_scheduler
@@ -111,10 +108,9 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
     from megatron_dualpipe.patches import apply_cpu_patches, enable_routing_map_copy
 
-    unsupported = unsupported_for_training(recipe)
-    if unsupported:
-        raise ValueError("; ".join(unsupported))
-    warnings = check_training_rules(recipe)
+    # The launcher ran these before starting this process; they return the warnings to print
+    # and guard callers that train without the command line.
+    warnings = check_recipe(recipe, rules=TRAIN_RULES)
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts

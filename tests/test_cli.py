@@ -110,3 +110,19 @@ def test_only_user_errors_are_caught(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_run_train", bug)
     with pytest.raises(ValueError, match="internal shape mismatch"):
         cli.main(["train", TINY])
+
+
+def test_train_rules_run_in_the_launcher_before_any_worker(capsys, monkeypatch):
+    """A rule only `train` enforces (config/rules.py TRAIN_RULES) stops the launcher."""
+    from megatron_dualpipe import launch
+
+    def spawn(*args, **kwargs):
+        raise AssertionError("no worker may start")
+
+    monkeypatch.setattr(launch, "spawn_local", spawn)
+    monkeypatch.setattr(launch, "in_launched_job", lambda: False)
+    assert cli.main(["train", TINY, "--set", "optimizer.name=sgd",
+                     "--set", "optimizer.moment_dtype=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(PREFIX + "optimizer.moment_dtype=bf16 needs optimizer.name=adam"), err
+    assert err.count("\n") == 1

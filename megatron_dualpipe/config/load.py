@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from megatron_dualpipe.config.rules import RECIPE_RULES, check_recipe
 from megatron_dualpipe.config.schema import Recipe
-from megatron_dualpipe.config.validate import validate_recipe
 from megatron_dualpipe.errors import UserError
 
 MAX_INCLUDE_DEPTH = 8
@@ -168,12 +168,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
-    """Validate a raw mapping into a `Recipe` and check cross-field rules."""
+    """Validate a raw mapping into a `Recipe` and check the cross-field `RECIPE_RULES`."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(format_validation_error(err, source)) from None
-    validate_recipe(recipe)
+    check_recipe(recipe, source, RECIPE_RULES)
     return recipe
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from megatron_dualpipe.config.stage_split import num_stages
 from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.schedules.spec import SPECS
 
@@ -90,14 +91,9 @@ def check_parallel(recipe: Recipe) -> None:
         )
 
 
-def num_pipeline_stages(recipe: Recipe) -> int:
-    p = recipe.parallel
-    return SPECS[p.schedule].num_stages(p.pp, p.vpp)
-
-
 def check_layers(recipe: Recipe) -> None:
     m, p = recipe.model, recipe.parallel
-    stages = num_pipeline_stages(recipe)
+    stages = num_stages(recipe)
     if m.num_layers % stages:
         valid = [n for n in range(stages, 2 * m.num_layers + stages, stages)]
         raise UserError(
@@ -125,6 +121,30 @@ def check_model_shape(recipe: Recipe) -> None:
             f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
             f"parallel.tp={p.tp}"
         )
+
+
+def check_stage_split(recipe: Recipe) -> None:
+    """Layer split rules: the even split (`check_layers`) or `parallel.layers_per_stage`."""
+    explicit = recipe.parallel.layers_per_stage
+    if explicit is None:
+        check_layers(recipe)
+        return
+    m, p = recipe.model, recipe.parallel
+    stages = num_stages(recipe)
+    where = f"parallel.schedule={p.schedule}, parallel.pp={p.pp}"
+    if len(explicit) != stages:
+        raise UserError(
+            f"parallel.layers_per_stage has {len(explicit)} entries but {where} has {stages} "
+            "pipeline stages; give one decoder-layer count per stage"
+        )
+    if any(n < 0 for n in explicit):
+        raise UserError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
+    if sum(explicit) != m.num_layers:
+        raise UserError(
+            f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
+            f"{m.num_layers}"
+        )
+    check_model_shape(recipe)
 
 
 def check_moe(recipe: Recipe) -> None:
@@ -247,16 +267,3 @@ def check_fusions(recipe: Recipe) -> None:
             "Transformer Engine weight GEMMs, which fused accumulation would skip); set "
             "parallel.zero_bubble=false or model.gradient_accumulation_fusion=false"
         )
-
-
-def validate_recipe(recipe: Recipe) -> None:
-    """All cross-field rules, in the order a user would fix them."""
-    from megatron_dualpipe.config.stage_split import check_stage_split
-
-    check_parallel(recipe)
-    check_stage_split(recipe)
-    check_moe(recipe)
-    check_batch(recipe)
-    check_eplb(recipe)
-    check_fp8(recipe)
-    check_fusions(recipe)
