@@ -28,3 +28,9 @@ def test_rules_run_in_order_and_pass_the_source_to_rules_that_need_it():
         check_recipe(load_recipe(TINY), "r.yaml", rules)
     assert seen == ["first", "r.yaml"]
     assert check_recipe(load_recipe(TINY), "r.yaml", rules[:2]) == ["warn r.yaml"]
+
+
+def test_router_skew_without_eplb_is_refused():
+    with pytest.raises(UserError, match=r"moe.router_bias_init=0.3 needs eplb.enabled=true"):
+        load_recipe(TINY, ["moe.router_bias_init=0.3"])
+    assert load_recipe("recipes/tiny_moe_cpu_eplb.yaml").moe.router_bias_init == 0.3

@@ -116,7 +116,8 @@ class MoEConfig(Section):
         "moe_permute_fusion); ignored on CPU",
     )
     router_bias_init: float = Field(
-        0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"
+        0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value "
+        "(needs eplb.enabled)"
     )
     bias_update_rate_schedule: list[tuple[float, float]] = Field(
         default_factory=list,

@@ -220,6 +220,12 @@ def check_eplb(recipe: Recipe) -> None:
     e = recipe.eplb
     if e.num_redundant_experts and not e.enabled:
         raise UserError("eplb.num_redundant_experts is set but eplb.enabled is false")
+    if recipe.moe.router_bias_init and not e.enabled:
+        raise UserError(
+            f"moe.router_bias_init={recipe.moe.router_bias_init} needs eplb.enabled=true (the "
+            "EPLB router adds the skew; Megatron's router would ignore it); allowed without "
+            "eplb: 0"
+        )
 
 
 def check_fp8(recipe: Recipe) -> None:

@@ -24,18 +24,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.eplb.replicas import mark_duplicates
+from megatron_dualpipe.eplb.topology import planner_topology
 
 FOLDER = "eplb_experts"
-
-
-def find_hook(state):
-    """The EPLB hook among ``state.hooks``."""
-    from megatron_dualpipe.eplb.training import EPLBHook
-
-    for hook in state.hooks:
-        if isinstance(hook, EPLBHook):
-            return hook
-    raise ValueError("eplb.enabled but the training state has no EPLB hook")
 
 
 def is_expert_key(key: str) -> bool:
@@ -114,9 +105,9 @@ def _writer_flags(layer) -> tuple[bool, bool]:
     return meta, edp0
 
 
-def save_experts(state, path: Path) -> None:
-    """Write every local layer's canonical experts and placement (collective)."""
-    hook = find_hook(state)
+def save_experts(hook, path: Path) -> None:
+    """Write every local layer's canonical experts and placement of `hook` (an `EPLBHook`;
+    collective)."""
     folder = Path(path) / FOLDER
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +138,6 @@ def save_experts(state, path: Path) -> None:
 def _choose_placement(layer, meta: dict, hook) -> torch.Tensor:
     from megatron_dualpipe.eplb import rebalance_experts
     from megatron_dualpipe.eplb.mapping import static_placement
-    from megatron_dualpipe.eplb.training import planner_topology
 
     if meta["num_slots"] == layer.num_slots and meta["ep"] == layer.ep_size:
         return meta["phy2log"].clone()
@@ -164,12 +154,11 @@ def _choose_placement(layer, meta: dict, hook) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_experts(state, path: Path, placement: dict | None = None) -> None:
+def load_experts(hook, path: Path, placement: dict | None = None) -> None:
     """Fill every physical slot from its logical expert in ``<path>/eplb_experts``.
 
     ``placement`` (``{layer_id: phy2log}``) overrides the placement chosen for the layers.
     """
-    hook = find_hook(state)
     folder = Path(path) / FOLDER
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint has no EPLB experts (saved without eplb?)")
