@@ -15,14 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_dualpipe.eplb.planner import (
-    MODES,
-    POLICIES,
-    as_weight_array,
-    make_layout,
-    rebalance_experts,
-)
-from megatron_dualpipe.eplb.report import gpu_loads, report
+from megatron_dualpipe.eplb.api import MODES, rebalance_experts
+from megatron_dualpipe.eplb.placement.planner import POLICIES, as_weight_array, make_layout
+from megatron_dualpipe.eplb.placement.report import gpu_loads, report
 from megatron_dualpipe.errors import UserError
 
 EXIT_BAD_INPUT = 2
