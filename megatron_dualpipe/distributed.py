@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.schedules.spec import SPECS
 
 
@@ -36,7 +37,7 @@ def resolve_device(recipe: Recipe) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
+        raise UserError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
     return torch.device(want)
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_dualpipe.eplb.replicas import mark_duplicates
 from megatron_dualpipe.eplb.topology import planner_topology
+from megatron_dualpipe.errors import UserError
 
 FOLDER = "eplb_experts"
 
@@ -166,7 +167,7 @@ def load_experts(hook, path: Path, placement: dict | None = None) -> None:
     for layer in hook.layers:
         meta = torch.load(folder / f"layer_{layer.layer_id:04d}.meta.pt", weights_only=False)
         if meta["num_logical"] != layer.num_logical:
-            raise ValueError(f"layer {layer.layer_id}: checkpoint has {meta['num_logical']} "
+            raise UserError(f"layer {layer.layer_id}: checkpoint has {meta['num_logical']} "
                              f"logical experts, the model {layer.num_logical}")
         new = (placement or {}).get(layer.layer_id)
         layer.router.set_placement(new if new is not None else _choose_placement(layer, meta,

@@ -32,6 +32,7 @@ from megatron_dualpipe.eplb.replicas import (
 )
 from megatron_dualpipe.eplb.router import make_router_class
 from megatron_dualpipe.eplb.topology import planner_topology
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.hooks import TrainHook
 
 
@@ -113,7 +114,7 @@ class EPLBHook(TrainHook):
                                  e.window_kind)
         overlap = self.recipe.parallel.overlap_grad_reduce
         if overlap and parallel_state.get_expert_data_parallel_world_size() > 1:
-            raise ValueError("eplb with parallel.overlap_grad_reduce needs expert-data-parallel "
+            raise UserError("eplb with parallel.overlap_grad_reduce needs expert-data-parallel "
                              "size 1 (replica gradients are summed after the reduction)")
         mark_duplicates(self.layers, self.access)
         self._wrap_finalize(state.config, overlap)
