@@ -25,16 +25,13 @@ def _sharded_state_dict(state, is_loading: bool = False):
     sd["optimizer"] = state.optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata=METADATA
     )
-    if _eplb(state):  # EPLB: routed experts are saved in logical layout (eplb/ckpt.py)
-        from megatron_dualpipe.eplb import ckpt as eplb_ckpt
-
-        sd = eplb_ckpt.without_experts(sd, state)
+    for hook in _hooks(state):  # e.g. EPLB keeps routed experts in logical layout
+        sd = hook.checkpoint_state_dict(state, sd)
     return sd
 
 
-def _eplb(state) -> bool:
-    """EPLB is on: experts go through `megatron_dualpipe.eplb.ckpt`, not dist-checkpointing."""
-    return bool(getattr(getattr(state, "recipe", None), "eplb", None) and state.recipe.eplb.enabled)
+def _hooks(state) -> list:
+    return getattr(state, "hooks", [])
 
 
 def save(state, ckpt_dir: str) -> Path:
@@ -51,10 +48,8 @@ def save(state, ckpt_dir: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(state), str(path))
-    if _eplb(state):  # EPLB: experts in logical layout + placement
-        from megatron_dualpipe.eplb import ckpt as eplb_ckpt
-
-        eplb_ckpt.save_experts(state, path)
+    for hook in _hooks(state):
+        hook.on_save(state, path)
     if dist.get_rank() == 0:
         torch.save({"scheduler": state.scheduler.state_dict(), "step": state.step},
                    path / "train_state.pt")
@@ -114,17 +109,13 @@ def load(state, ckpt_dir: str) -> int:
     sharded = _sharded_state_dict(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
-        if _eplb(state):  # EPLB: everything but the routed experts and their optimizer
-            from megatron_dualpipe.eplb import ckpt as eplb_ckpt
-
-            eplb_ckpt.load_model_and_optimizer(state, loaded)
-        else:
+        if not any(hook.load_state_dict(state, loaded) for hook in _hooks(state)):
             for i, chunk in enumerate(state.model):
                 chunk.module.load_state_dict(loaded[f"model{i}"])
             state.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(state.optimizer)
-    if _eplb(state):  # EPLB: fill every slot from its logical expert (any placement)
-        eplb_ckpt.load_experts(state, path)
+    for hook in _hooks(state):
+        hook.on_load(state, path)
     train_state = torch.load(path / "train_state.pt", weights_only=False)
     state.scheduler.load_state_dict(train_state["scheduler"])
     return int(train_state["step"])

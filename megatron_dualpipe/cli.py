@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from megatron_dualpipe.errors import UserError
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML recipe")
@@ -23,6 +25,7 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from megatron_dualpipe import launch
     from megatron_dualpipe.config import load_recipe, world_size
+    from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 
     overrides = list(args.overrides)
     if args.nproc_per_node:
@@ -32,12 +35,13 @@ def _run_train(args) -> int:
 
         first, end = parse_steps(args.profile_steps)
         overrides.append(f"train.profile_steps='{first}:{end}'")
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)  # schema and RECIPE_RULES
+    check_recipe(recipe, args.recipe, TRAIN_RULES)  # once here, before any worker starts
     launch.adopt_slurm_env()
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
         if recipe.parallel.num_nodes > 1:
-            raise ValueError(
+            raise UserError(
                 f"parallel.num_nodes={recipe.parallel.num_nodes}: start multi-node jobs with "
                 "torchrun or scripts/train.sbatch"
             )
@@ -46,7 +50,7 @@ def _run_train(args) -> int:
     expected = world_size(recipe)
     actual = int(os.environ["WORLD_SIZE"])
     if actual != expected:
-        raise ValueError(
+        raise UserError(
             f"the job has WORLD_SIZE={actual} processes but the recipe needs {expected} "
             "(parallel.num_nodes x parallel.nproc_per_node); fix one of them"
         )
@@ -76,10 +80,7 @@ def _optional_subcommands(sub) -> None:
     import importlib
 
     for name, (module, help_text) in _OPTIONAL.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text)
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
@@ -92,6 +93,6 @@ def main(argv=None) -> int:
         if args.command == "train":
             return _run_train(args)
         return args._module.run(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"megatron-dualpipe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code

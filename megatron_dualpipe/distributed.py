@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def resolve_device(recipe: Recipe) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
+        raise UserError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
     return torch.device(want)
 
 
@@ -73,7 +75,7 @@ def init_distributed(recipe: Recipe, device: torch.device) -> DistEnv:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
-        get_embedding_ranks=embedding_ranks if p.schedule in ("dualpipe", "dualpipev") else None,
+        get_embedding_ranks=embedding_ranks if SPECS[p.schedule].dualpipe_family else None,
     )
     return env
 

@@ -15,9 +15,11 @@ from pydantic import ValidationError
 
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config.load import apply_overrides, format_validation_error, load_raw
+from megatron_dualpipe.config.rules import RECIPE_RULES, check_recipe
 from megatron_dualpipe.config.schema import Recipe
-from megatron_dualpipe.config.stage_split import check_stage_split
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.planning import make_plan
+from megatron_dualpipe.schedules.spec import SPECS
 
 B = 1e9
 
@@ -25,20 +27,18 @@ B = 1e9
 def load_plan_recipe(path: str | Path, overrides=()) -> Recipe:
     """Load and validate like `load_recipe`, accepting `parallel.layers_per_stage`.
 
-    With an explicit split, `check_stage_split` stands in for `validate.check_layers` (whose
-    even-split rule it replaces); otherwise this is exactly `validate_recipe`.
+    With an explicit split the rules are `RECIPE_RULES` without `check_fusions`; otherwise
+    exactly `RECIPE_RULES` (`config/rules.py`).
     """
     raw = apply_overrides(load_raw(path), overrides)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, str(path))) from None
-    if recipe.parallel.layers_per_stage is None:
-        V.validate_recipe(recipe)
-    else:
-        for check in (V.check_parallel, check_stage_split, V.check_moe, V.check_batch,
-                      V.check_eplb, V.check_fp8):
-            check(recipe)
+        raise UserError(format_validation_error(err, str(path))) from None
+    rules = RECIPE_RULES
+    if recipe.parallel.layers_per_stage is not None:
+        rules = [rule for rule in RECIPE_RULES if rule.check is not V.check_fusions]
+    check_recipe(recipe, str(path), rules)
     return recipe
 
 
@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"megatron-dualpipe plan: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 # ---------------------------------------------------------------------------- text output
@@ -116,7 +116,7 @@ def format_plan(plan: dict) -> str:
     p, prm, mtp = plan["parallel"], plan["params"], plan["params"]["mtp"]
     mtp_layers = plan["mtp_num_layers"]
     stages = plan["stages"]
-    copies = " (each held by 2 mirror ranks)" if p["schedule"] == "dualpipe" else ""
+    copies = " (each held by 2 mirror ranks)" if SPECS[p["schedule"]].bidirectional else ""
     lines = [f"recipe {plan['name']} ({plan['recipe']}): valid"]
     lines.append(
         f"world size {plan['world_size']} = {_plural(plan['num_nodes'], 'node')} x "

@@ -23,18 +23,20 @@ from pathlib import Path
 
 import torch
 
+from megatron_dualpipe.errors import UserError
+
 _SPEC_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def parse_steps(spec: str) -> tuple[int, int]:
-    """``"a:b"`` -> ``(a, b)`` with ``0 <= a < b``; ValueError otherwise."""
+    """``"a:b"`` -> ``(a, b)`` with ``0 <= a < b``; UserError otherwise."""
     match = _SPEC_RE.match(str(spec))
     if not match:
-        raise ValueError(f"--profile-steps {spec!r}: expected FIRST:END, e.g. 2:4 "
+        raise UserError(f"--profile-steps {spec!r}: expected FIRST:END, e.g. 2:4 "
                          "(profiles steps FIRST..END-1)")
     first, end = int(match.group(1)), int(match.group(2))
     if end <= first:
-        raise ValueError(f"--profile-steps {spec!r}: END must be greater than FIRST")
+        raise UserError(f"--profile-steps {spec!r}: END must be greater than FIRST")
     return first, end
 
 

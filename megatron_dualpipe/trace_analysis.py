@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_dualpipe.errors import UserError
+
 KINDS = ("alltoall", "p2p", "collective", "all")
 COMM_KERNEL_RE = re.compile(r"nccl|alltoall|all_to_all|sendrecv|deep_ep", re.IGNORECASE)
 COMM_CPU_RE = re.compile(r"gloo|^c10d::|^nccl:|record_param_comms", re.IGNORECASE)
@@ -334,11 +336,11 @@ def run(args) -> int:
     reports = {}
     for path in args.traces:
         if not Path(path).exists():
-            raise ValueError(f"{path}: no such trace file")
+            raise UserError(f"{path}: no such trace file")
         try:
             reports[path] = analyze(path, window=args.window)
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise ValueError(f"{path}: not a Chrome trace ({err})") from err
+            raise UserError(f"{path}: not a Chrome trace ({err})") from err
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[args.traces[0]], indent=1))
     else:

@@ -11,13 +11,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
+from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
-from megatron_dualpipe.config.validate_training import (
-    check_training_rules,
-    unsupported_for_training,
-)
 from megatron_dualpipe.data import make_source
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
+from megatron_dualpipe.features import extensions
 from megatron_dualpipe.lr_scheduler import build_scheduler
 from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
@@ -25,7 +23,7 @@ from megatron_dualpipe.profiling import StepProfiler
 from megatron_dualpipe.schedules.registry import forward_backward_func
 from megatron_dualpipe.token_schedules import BatchSchedule, config_values, step_source
 
-__all__ = ["TrainHook", "TrainState", "build_scheduler", "setup", "train", "train_step"]
+__all__ = ["TrainState", "build_scheduler", "setup", "train", "train_step"]
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -60,19 +58,6 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-class TrainHook:
-    """Extension points of the loop (EPLB uses them); every method is optional."""
-
-    def on_setup(self, state: "TrainState") -> None:
-        """Model, optimizer and scheduler exist; checkpoint not yet loaded."""
-
-    def before_optimizer_step(self, state: "TrainState") -> None:
-        """Gradients are final (after Megatron's finalize_model_grads)."""
-
-    def after_step(self, state: "TrainState", record: dict) -> None:
-        """The optimizer stepped; may add keys to the step's metrics `record`."""
-
-
 @dataclass
 class TrainState:
     """Everything the loop owns; returned so tests can inspect it."""
@@ -86,20 +71,8 @@ class TrainState:
     step: int = 0
     history: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
-    inspect_grads: object = None  # tests: called with the state when gradients are final
     batches: BatchSchedule | None = None  # global batch per step (train.batch_ramp)
     warnings: list = field(default_factory=list)  # recipe warnings (printed by rank 0)
-
-
-def extensions(recipe: Recipe) -> tuple[object, list[TrainHook]]:
-    """The router class and hooks that the recipe's optional features need."""
-    router_cls, hooks = None, []
-    if recipe.eplb.enabled:
-        from megatron_dualpipe.eplb.training import make_extension
-
-        router_cls, hook = make_extension(recipe)
-        hooks.append(hook)
-    return router_cls, hooks
 
 
 def setup(recipe: Recipe) -> TrainState:
@@ -111,10 +84,9 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
     from megatron_dualpipe.patches import apply_cpu_patches, enable_routing_map_copy
 
-    unsupported = unsupported_for_training(recipe)
-    if unsupported:
-        raise ValueError("; ".join(unsupported))
-    warnings = check_training_rules(recipe)
+    # The launcher ran these before starting this process; they return the warnings to print
+    # and guard callers that train without the command line.
+    warnings = check_recipe(recipe, rules=TRAIN_RULES)
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
@@ -137,7 +109,7 @@ def setup(recipe: Recipe) -> TrainState:
     state = TrainState(recipe, device, config, model, optimizer, scheduler, hooks=hooks,
                        batches=batches, warnings=warnings)
     for hook in hooks:
-        hook.on_setup(state)
+        hook.on_build(state)
     return state
 
 
@@ -190,9 +162,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
     lr = state.optimizer.param_groups[0]["lr"]  # the LR this step uses
     if not forward_only:
         for hook in state.hooks:
-            hook.before_optimizer_step(state)
-        if state.inspect_grads is not None:
-            state.inspect_grads(state)
+            hook.on_grads_ready(state)
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     if state.device.type == "cuda":
@@ -216,7 +186,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
     record.update(schedule_values)
     if not forward_only:
         for hook in state.hooks:
-            hook.after_step(state, record)
+            hook.on_step_end(state, record)
     return record
 
 

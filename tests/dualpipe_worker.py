@@ -60,6 +60,7 @@ def run_steps(overrides: list[str], num_steps: int, config_fields: dict | None =
     from megatron_dualpipe.config import load_recipe
     from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
+    from megatron_dualpipe.hooks import TrainHook
     from megatron_dualpipe.schedules.wgrad import WeightGradStore
     from megatron_dualpipe.train import _dp_rank, setup, train_step
 
@@ -70,11 +71,12 @@ def run_steps(overrides: list[str], num_steps: int, config_fields: dict | None =
     source = make_source(recipe, _dp_rank(), state.device)
     captured = {}
 
-    def inspect(st):
-        if "grads" not in captured:
-            captured["grads"] = global_grads(st)
+    class FirstGrads(TrainHook):  # the gradients of the first training step
+        def on_grads_ready(self, st):
+            if "grads" not in captured:
+                captured["grads"] = global_grads(st)
 
-    state.inspect_grads = inspect
+    state.hooks.append(FirstGrads())
     steps = []
     for call in range(num_steps + 1):
         log: list = []

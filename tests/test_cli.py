@@ -91,3 +91,38 @@ def test_missing_command_is_a_usage_error(capsys):
         cli.main([])
     assert exit_.value.code == 2
     assert "usage: megatron-dualpipe" in capsys.readouterr().err
+
+
+def test_only_user_errors_are_caught(capsys, monkeypatch):
+    """A UserError is one line and exit 2; any other exception (a bug) keeps its traceback."""
+    from megatron_dualpipe.errors import UserError
+
+    def user_mistake(args):
+        raise UserError("train.steps=0: must be >= 1")
+
+    monkeypatch.setattr(cli, "_run_train", user_mistake)
+    assert cli.main(["train", TINY]) == 2
+    assert capsys.readouterr().err == f"{PREFIX}train.steps=0: must be >= 1\n"
+
+    def bug(args):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(cli, "_run_train", bug)
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        cli.main(["train", TINY])
+
+
+def test_train_rules_run_in_the_launcher_before_any_worker(capsys, monkeypatch):
+    """A rule only `train` enforces (config/rules.py TRAIN_RULES) stops the launcher."""
+    from megatron_dualpipe import launch
+
+    def spawn(*args, **kwargs):
+        raise AssertionError("no worker may start")
+
+    monkeypatch.setattr(launch, "spawn_local", spawn)
+    monkeypatch.setattr(launch, "in_launched_job", lambda: False)
+    assert cli.main(["train", TINY, "--set", "optimizer.name=sgd",
+                     "--set", "optimizer.moment_dtype=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(PREFIX + "optimizer.moment_dtype=bf16 needs optimizer.name=adam"), err
+    assert err.count("\n") == 1

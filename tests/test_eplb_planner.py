@@ -6,7 +6,7 @@ import torch
 
 from megatron_dualpipe.eplb import count_duplicates, rebalance_experts, report, slot_moves
 from megatron_dualpipe.eplb.compat import greedy_replicate
-from megatron_dualpipe.eplb.planner import replica_counts
+from megatron_dualpipe.eplb.placement.planner import replica_counts
 
 # DeepSeek's published example (README of deepseek-ai/EPLB).
 EXAMPLE_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -216,3 +216,19 @@ def test_slot_moves_lists_changed_slots():
     assert slot_moves(old, new) == [[(1, 1, 2)], []]
     with pytest.raises(ValueError, match="shape"):
         slot_moves(old, new[:, :3])
+
+
+def test_the_placement_planner_imports_no_torch():
+    """eplb/placement is pure numpy: none of its files imports torch (or the torch wrappers)."""
+    import ast
+    from pathlib import Path
+
+    import megatron_dualpipe.eplb.placement as placement
+
+    for path in Path(placement.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        assert not [n for n in names if n.split(".")[0] == "torch"], path
+        assert all(n.startswith("megatron_dualpipe.eplb.placement") for n in names
+                   if n.startswith("megatron_dualpipe")), path

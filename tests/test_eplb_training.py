@@ -51,7 +51,8 @@ def _train(recipe, steps: int, after=None, grads: bool = False):
     from megatron.core import parallel_state
 
     from megatron_dualpipe.data import make_source
-    from megatron_dualpipe.train import TrainHook, setup, train_step
+    from megatron_dualpipe.hooks import TrainHook
+    from megatron_dualpipe.train import setup, train_step
 
     state = setup(recipe)
     probe = None
@@ -60,7 +61,7 @@ def _train(recipe, steps: int, after=None, grads: bool = False):
             def __init__(self):
                 self.steps = []
 
-            def before_optimizer_step(self, st):
+            def on_grads_ready(self, st):
                 self.steps.append(_logical_grads(_eplb(st)))
 
         probe = GradProbe()

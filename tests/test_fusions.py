@@ -60,7 +60,7 @@ def test_train_setup_checks_before_any_process_group(monkeypatch):
     if not NO_TE:
         pytest.skip("checks the error raised without Transformer Engine")
     monkeypatch.setattr(T, "resolve_device", lambda recipe: torch.device("cuda"))
-    monkeypatch.setattr(T, "check_training_rules", lambda recipe: [])
+    monkeypatch.setattr(T, "check_recipe", lambda recipe, **kwargs: [])
     monkeypatch.setattr("megatron_dualpipe.fp8.check_fp8_environment", lambda *a: None)
 
     def fail(*args, **kwargs):

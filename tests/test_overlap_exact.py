@@ -55,6 +55,7 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
     from megatron_dualpipe.config import load_recipe
     from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
+    from megatron_dualpipe.hooks import TrainHook
     from megatron_dualpipe.schedules import registry
     from megatron_dualpipe.schedules.overlap import FusedChunks
     from megatron_dualpipe.schedules.te_wgrad import TEWeightGradDeferral
@@ -69,11 +70,12 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
     source = make_source(recipe, train_mod._dp_rank(), state.device)
     captured = {}
 
-    def inspect(st):
-        if "grads" not in captured:
-            captured["grads"] = global_grads(st)
+    class FirstGrads(TrainHook):  # the gradients of the first training step
+        def on_grads_ready(self, st):
+            if "grads" not in captured:
+                captured["grads"] = global_grads(st)
 
-    state.inspect_grads = inspect
+    state.hooks.append(FirstGrads())
     steps = []
     for call in range(num_steps + 1):
         log: list = []

@@ -5,7 +5,6 @@ import re
 import pytest
 
 from megatron_dualpipe.schedules.actions import (
-    SCHEDULES,
     Action,
     build_actions,
     check_actions,
@@ -19,6 +18,7 @@ from megatron_dualpipe.schedules.actions import (
     validate,
     zb1p_actions,
 )
+from megatron_dualpipe.schedules.spec import SCHEDULES
 
 
 def _valid(schedule, num_ranks, num_microbatches):
@@ -97,11 +97,11 @@ def test_check_actions_rejects_broken_lists():
     [
         (("dualpipe", 3, 12), "parallel.pp=3", "nearest valid: 2 or 4"),
         (("dualpipe", 1, 12), "parallel.pp=1", "nearest valid: 2"),
-        (("dualpipe", 4, 7), "train.num_microbatches=7", "nearest valid: 8"),
-        (("dualpipe", 4, 11), "train.num_microbatches=11", "nearest valid: 10 or 12"),
-        (("dualpipev", 4, 6), "train.num_microbatches=6", "nearest valid: 8"),
-        (("interleaved", 4, 6), "train.num_microbatches=6", "nearest valid: 4 or 8"),
-        (("1f1b", 4, 0), "train.num_microbatches=0", "nearest valid: 1"),
+        (("dualpipe", 4, 7), "micro-batches 7 (train.global_batch_size", "nearest valid: 8"),
+        (("dualpipe", 4, 11), "micro-batches 11 (train.global", "nearest valid: 10 or 12"),
+        (("dualpipev", 4, 6), "micro-batches 6 (train.global_batch_size", "nearest valid: 8"),
+        (("interleaved", 4, 6), "micro-batches 6 (train.global", "nearest valid: 4 or 8"),
+        (("1f1b", 4, 0), "micro-batches 0 (train.global_batch_size", "nearest valid: 1"),
         (("dualpipev", 4, 8, 30), "model.num_layers=30", "nearest valid: 24 or 32"),
         (("dualpipe", 4, 8, 30), "model.num_layers=30", "nearest valid: 28 or 32"),
         (("1f1b", 4, 8, 6), "model.num_layers=6", "nearest valid: 4 or 8"),

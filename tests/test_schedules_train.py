@@ -47,12 +47,13 @@ def run_recipe(raw: dict, log_dir: str, overrides=(), stop_after=None):
 
     from megatron_dualpipe import train as T
     from megatron_dualpipe.config import apply_overrides, parse_recipe
+    from megatron_dualpipe.hooks import TrainHook
 
-    class Probe(T.TrainHook):
+    class Probe(TrainHook):
         def __init__(self):
             self.rows, self.flags = [], {}
 
-        def on_setup(self, state):
+        def on_build(self, state):
             layers = [m for c in state.model for m in c.modules()
                       if type(m).__name__ == "TransformerLayer"]
             self.flags = {
@@ -61,7 +62,7 @@ def run_recipe(raw: dict, log_dir: str, overrides=(), stop_after=None):
                 "mlp": [m.recompute_mlp for m in layers],
             }
 
-        def after_step(self, state, record):
+        def on_step_end(self, state, record):
             # the configs Megatron reads: GPTModel's (MTP loss), finalize_model_grads' (bias)
             self.rows.append({
                 "mtp": [c.module.config.mtp_loss_scaling_factor for c in state.model],

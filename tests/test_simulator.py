@@ -7,7 +7,6 @@ import pytest
 
 from megatron_dualpipe.schedules import simulate_cli
 from megatron_dualpipe.schedules.actions import (
-    SCHEDULES,
     Action,
     build_actions,
     validate,
@@ -18,6 +17,7 @@ from megatron_dualpipe.schedules.simulator import (
     simulate,
     simulate_schedule,
 )
+from megatron_dualpipe.schedules.spec import SCHEDULES
 
 
 def expected_bubble(schedule, n, c):

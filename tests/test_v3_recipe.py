@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from megatron_dualpipe.config.stage_split import (
-    check_stage_split,
     layers_of_stage,
     megatron_layout,
     num_stages,
 )
 from megatron_dualpipe.config.to_megatron import transformer_config_kwargs
-from megatron_dualpipe.config.validate import world_size
+from megatron_dualpipe.config.validate import check_stage_split, world_size
 from megatron_dualpipe.plan import load_plan_recipe
 from megatron_dualpipe.planning import make_plan
 

@@ -1,6 +1,6 @@
 """Load a YAML recipe: resolve `include:`, apply `--set a.b=v` overrides, validate.
 
-Every problem is raised as one `ValueError` that names the recipe field path.
+Every problem is raised as one `UserError` that names the recipe field path.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from megatron_dualpipe.config.rules import RECIPE_RULES, check_recipe
 from megatron_dualpipe.config.schema import Recipe
-from megatron_dualpipe.config.validate import validate_recipe
+from megatron_dualpipe.errors import UserError
 
 MAX_INCLUDE_DEPTH = 8
 
@@ -24,15 +25,15 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"recipe file not found: {path}") from None
+        raise UserError(f"recipe file not found: {path}") from None
     except OSError as err:
-        raise ValueError(f"recipe {path}: cannot read: {err.strerror or err}") from None
+        raise UserError(f"recipe {path}: cannot read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path}: invalid YAML: {err}") from None
+        raise UserError(f"recipe {path}: invalid YAML: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(  # noqa: TRY004 - every recipe problem is a ValueError (CLI: exit 2)
+        raise UserError(  # noqa: TRY004 - every recipe problem is a UserError (CLI: exit 2)
             f"recipe {path}: top level must be a mapping, got {type(data).__name__}"
         )
     return data
@@ -61,14 +62,14 @@ def load_raw(path: str | Path, _depth: int = 0, _chain: tuple[Path, ...] = ()) -
         parent = _chain[-1]
         if path.resolve() in {p.resolve() for p in _chain}:
             cycle = " -> ".join(str(p) for p in (*_chain, path))
-            raise ValueError(f"recipe {parent}: include: cycle: {cycle}")
+            raise UserError(f"recipe {parent}: include: cycle: {cycle}")
         if _depth > MAX_INCLUDE_DEPTH:
-            raise ValueError(
+            raise UserError(
                 f"recipe {parent}: include: nested deeper than {MAX_INCLUDE_DEPTH} levels "
                 f"(at {path})"
             )
         if not path.is_file():
-            raise ValueError(f"recipe {parent}: include: file not found: {path}")
+            raise UserError(f"recipe {parent}: include: file not found: {path}")
     data = _read_yaml(path)
     includes = data.pop("include", None)
     if includes is None:
@@ -76,7 +77,7 @@ def load_raw(path: str | Path, _depth: int = 0, _chain: tuple[Path, ...] = ()) -
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise ValueError(f"recipe {path}: include: must be a path or a list of paths")
+        raise UserError(f"recipe {path}: include: must be a path or a list of paths")
     merged: dict = {}
     for include in includes:
         merged = deep_merge(merged, load_raw(path.parent / include, _depth + 1, (*_chain, path)))
@@ -95,7 +96,7 @@ def _section_fields(model: type[BaseModel], parts: list[str]) -> tuple[type[Base
                 for name, f in model.model_fields.items()
                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
             )
-            raise ValueError(  # noqa: TRY004 - a recipe problem, as above
+            raise UserError(  # noqa: TRY004 - a recipe problem, as above
                 f"--set {'.'.join(parts)}: '{path}' is not a section; sections: {allowed}"
             )
         model = annotation
@@ -108,7 +109,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. parallel.pp=2")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. parallel.pp=2")
         parts = key.strip().split(".")
         _section_fields(Recipe, parts)
         try:
@@ -119,7 +120,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(  # noqa: TRY004 - a recipe problem, as above
+                raise UserError(  # noqa: TRY004 - a recipe problem, as above
                     f"--set {item}: '{part}' is not a mapping in the recipe"
                 )
         node[parts[-1]] = value
@@ -167,12 +168,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
-    """Validate a raw mapping into a `Recipe` and check cross-field rules."""
+    """Validate a raw mapping into a `Recipe` and check the cross-field `RECIPE_RULES`."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, source)) from None
-    validate_recipe(recipe)
+        raise UserError(format_validation_error(err, source)) from None
+    check_recipe(recipe, source, RECIPE_RULES)
     return recipe
 
 

@@ -10,7 +10,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Schedule = Literal["1f1b", "interleaved", "dualpipe", "dualpipev"]
+from megatron_dualpipe.schedules.spec import TRAIN_SCHEDULES
+
+Schedule = Literal[TRAIN_SCHEDULES]
 FP8Recipe = Literal["none", "blockwise", "delayed", "current", "mxfp8"]
 
 
@@ -114,7 +116,8 @@ class MoEConfig(Section):
         "moe_permute_fusion); ignored on CPU",
     )
     router_bias_init: float = Field(
-        0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value"
+        0.0, description="skew for tests/benchmarks: router logits of expert e get +e*value "
+        "(needs eplb.enabled)"
     )
     bias_update_rate_schedule: list[tuple[float, float]] = Field(
         default_factory=list,

@@ -4,7 +4,7 @@ A *stage* is what `model/layout.py` calls one: 1f1b has pp stages, interleaved p
 dualpipe pp (each held twice, by mirror ranks), dualpipev 2*pp. Stage 0 also holds the
 embedding, the last stage the final norm, the MTP block and the output head.
 
-Without `layers_per_stage` the split must be even (the rule is `validate.check_layers`);
+Without `layers_per_stage` the split must be even (the rules are `validate.check_stage_split`);
 with it, any split of counts >= 0 that sums to `model.num_layers` is allowed, e.g.
 DeepSeek-V3's 61 layers over 16 DualPipe stages. A stage may hold no decoder layers (only the
 embedding, only the head/MTP, or nothing: Megatron-Core builds it, tests/test_dualpipe_exact.py).
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from megatron_dualpipe.model.layout import chunk_placements
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 def num_stages(recipe: Recipe) -> int:
     """Number of layer blocks the schedule cuts the decoder into (see module docstring)."""
     p = recipe.parallel
-    return chunk_placements(p.schedule, p.pp, 0, p.vpp)[0].num_stages
+    return SPECS[p.schedule].num_stages(p.pp, p.vpp)
 
 
 def stage_sizes(recipe: Recipe) -> list[int]:
@@ -40,38 +41,9 @@ def layers_of_stage(recipe: Recipe, stage: int) -> range:
     """Global decoder-layer indices held by `stage`."""
     sizes = stage_sizes(recipe)
     if not 0 <= stage < len(sizes):
-        raise ValueError(f"stage {stage} out of range: the recipe has {len(sizes)} stages")
+        raise UserError(f"stage {stage} out of range: the recipe has {len(sizes)} stages")
     start = sum(sizes[:stage])
     return range(start, start + sizes[stage])
-
-
-def check_stage_split(recipe: Recipe) -> None:
-    """Layer split rules; replaces `validate.check_layers` (which it calls when no explicit split).
-
-    Raises `ValueError` naming the fields involved.
-    """
-    from megatron_dualpipe.config.validate import check_layers, check_model_shape
-
-    explicit = recipe.parallel.layers_per_stage
-    if explicit is None:
-        check_layers(recipe)
-        return
-    m, p = recipe.model, recipe.parallel
-    stages = num_stages(recipe)
-    where = f"parallel.schedule={p.schedule}, parallel.pp={p.pp}"
-    if len(explicit) != stages:
-        raise ValueError(
-            f"parallel.layers_per_stage has {len(explicit)} entries but {where} has {stages} "
-            "pipeline stages; give one decoder-layer count per stage"
-        )
-    if any(n < 0 for n in explicit):
-        raise ValueError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
-    if sum(explicit) != m.num_layers:
-        raise ValueError(
-            f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
-            f"{m.num_layers}"
-        )
-    check_model_shape(recipe)
 
 
 def megatron_layout(recipe: Recipe) -> list[list[str]]:

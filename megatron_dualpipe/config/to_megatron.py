@@ -8,6 +8,8 @@ import torch
 
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.validate import num_physical_experts
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 
 def _dtype(recipe: Recipe) -> torch.dtype:
@@ -17,11 +19,7 @@ def _dtype(recipe: Recipe) -> torch.dtype:
 def virtual_pipeline_size(recipe: Recipe) -> int | None:
     """Model chunks per rank as Megatron sees them (DualPipeV: 2, V-shaped offsets)."""
     p = recipe.parallel
-    if p.schedule == "interleaved":
-        return p.vpp
-    if p.schedule == "dualpipev":
-        return 2
-    return None
+    return SPECS[p.schedule].megatron_vpp(p.vpp)
 
 
 def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str, Any]:
@@ -129,14 +127,14 @@ def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
         return {"recompute_granularity": None, "recompute_modules": None}
     allowed = "core_attn, mlp, moe, shared_experts"
     if "moe_act" in modules and not (recipe.moe.grouped_gemm and on_gpu):
-        raise ValueError(
+        raise UserError(
             "model.recompute_modules: moe_act needs moe.grouped_gemm=true on a GPU (Megatron-Core "
             "recomputes the activation of grouped-GEMM experts only); allowed here: "
             f"{allowed}, layernorm, mla_up_proj"
         )
     needs_te = [m for m in modules if m in DISCARDING_RECOMPUTE]
     if needs_te and not transformer_engine_available():
-        raise ValueError(
+        raise UserError(
             f"model.recompute_modules: {', '.join(needs_te)} need Transformer Engine (Megatron-"
             "Core 0.19's output-discarding checkpoint uses it even without FP8); allowed "
             f"without Transformer Engine: {allowed}"
@@ -168,7 +166,7 @@ def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
                 and not (f == "model.cross_entropy_fusion"
                          or (f == "model.rope_fusion" and recipe.model.attention == "mla"))]
     if needs_te and not transformer_engine_available():
-        raise ValueError(
+        raise UserError(
             f"{', '.join(needs_te)}: these fused kernels come from Transformer Engine, which is "
             "not installed; install it or set them to false"
         )
@@ -251,7 +249,7 @@ def moment_kwargs(recipe: Recipe) -> dict[str, Any]:
     if o.moment_dtype == "fp32":
         return {}
     if not te_fused_adam_available():
-        raise ValueError(
+        raise UserError(
             f"optimizer.moment_dtype={o.moment_dtype} needs Transformer Engine's FusedAdam "
             "(Megatron-Core's precision-aware optimizer); the Torch Adam used without it keeps "
             "the moments in FP32; allowed values without Transformer Engine: fp32"

@@ -1,12 +1,16 @@
 """Cross-field recipe rules, checked before any process group exists.
 
-Each rule raises `ValueError` naming the recipe fields involved and what would be valid.
+Each rule raises `UserError` naming the recipe fields involved and what would be valid.
 """
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
+
+from megatron_dualpipe.config.stage_split import num_stages
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -53,54 +57,46 @@ def check_parallel(recipe: Recipe) -> None:
         per_node = world // p.num_nodes
         valid = [n for n in range(1, 2 * per_node + p.tp * p.pp + 1)
                  if (p.num_nodes * n) % (p.tp * p.pp) == 0]
-        raise ValueError(
+        raise UserError(
             f"parallel: world size {world} (parallel.num_nodes x parallel.nproc_per_node) is not "
             f"divisible by parallel.tp x parallel.pp = {p.tp * p.pp}; nearest valid "
             f"parallel.nproc_per_node: {_nearest(valid, per_node)}"
         )
     if (world // p.pp) % p.ep:
-        raise ValueError(
+        raise UserError(
             f"parallel.ep={p.ep} must divide the ranks of one pipeline stage "
             f"(world size {world} / parallel.pp {p.pp} = {world // p.pp}); valid: "
             f"{_divisors(world // p.pp)}"
         )
-    if p.schedule == "interleaved" and p.vpp is None:
-        raise ValueError("parallel.vpp is required for parallel.schedule=interleaved (e.g. 2)")
-    if p.schedule != "interleaved" and p.vpp is not None:
-        raise ValueError(
+    spec = SPECS[p.schedule]
+    if spec.needs_vpp and p.vpp is None:
+        raise UserError("parallel.vpp is required for parallel.schedule=interleaved (e.g. 2)")
+    if not spec.needs_vpp and p.vpp is not None:
+        raise UserError(
             "parallel.vpp applies only to parallel.schedule=interleaved "
             f"(schedule is {p.schedule}); "
             "dualpipe/dualpipev always use two chunks per rank"
         )
     # DualPipeV with one pipeline rank is well defined: rank 0 holds both stages of the V
     # (the turn is local); bidirectional DualPipe needs a mirror rank.
-    if p.schedule == "dualpipe" and p.pp < 2:
-        raise ValueError(
+    if spec.bidirectional and p.pp < 2:
+        raise UserError(
             f"parallel.schedule=dualpipe needs an even parallel.pp >= 2 (got {p.pp}); nearest "
             "valid: parallel.pp=2, or parallel.schedule=dualpipev (allows parallel.pp=1)"
         )
-    if p.schedule == "dualpipe" and p.pp % 2:
-        raise ValueError(
+    if spec.bidirectional and p.pp % 2:
+        raise UserError(
             f"parallel.pp={p.pp} must be even for dualpipe; nearest valid: "
             f"{_nearest([v for v in range(2, 2 * p.pp + 2, 2)], p.pp)}"
         )
 
 
-def num_pipeline_stages(recipe: Recipe) -> int:
-    p = recipe.parallel
-    if p.schedule == "dualpipev":
-        return 2 * p.pp
-    if p.schedule == "interleaved":
-        return p.pp * (p.vpp or 1)
-    return p.pp
-
-
 def check_layers(recipe: Recipe) -> None:
     m, p = recipe.model, recipe.parallel
-    stages = num_pipeline_stages(recipe)
+    stages = num_stages(recipe)
     if m.num_layers % stages:
         valid = [n for n in range(stages, 2 * m.num_layers + stages, stages)]
-        raise ValueError(
+        raise UserError(
             f"model.num_layers={m.num_layers} must split evenly into {stages} pipeline stages "
             f"(parallel.schedule={p.schedule}, parallel.pp={p.pp}); nearest valid "
             f"model.num_layers: {_nearest(valid, m.num_layers)}"
@@ -112,57 +108,81 @@ def check_model_shape(recipe: Recipe) -> None:
     """Layer and head rules that do not depend on how the layers are split."""
     m, p = recipe.model, recipe.parallel
     if m.num_dense_layers > m.num_layers:
-        raise ValueError(
+        raise UserError(
             f"model.num_dense_layers={m.num_dense_layers} exceeds model.num_layers={m.num_layers}"
         )
     if m.attention == "mha" and m.hidden_size % m.num_attention_heads:
-        raise ValueError(
+        raise UserError(
             f"model.hidden_size={m.hidden_size} must be divisible by "
             f"model.num_attention_heads={m.num_attention_heads}"
         )
     if m.num_attention_heads % p.tp:
-        raise ValueError(
+        raise UserError(
             f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
             f"parallel.tp={p.tp}"
         )
 
 
+def check_stage_split(recipe: Recipe) -> None:
+    """Layer split rules: the even split (`check_layers`) or `parallel.layers_per_stage`."""
+    explicit = recipe.parallel.layers_per_stage
+    if explicit is None:
+        check_layers(recipe)
+        return
+    m, p = recipe.model, recipe.parallel
+    stages = num_stages(recipe)
+    where = f"parallel.schedule={p.schedule}, parallel.pp={p.pp}"
+    if len(explicit) != stages:
+        raise UserError(
+            f"parallel.layers_per_stage has {len(explicit)} entries but {where} has {stages} "
+            "pipeline stages; give one decoder-layer count per stage"
+        )
+    if any(n < 0 for n in explicit):
+        raise UserError(f"parallel.layers_per_stage={list(explicit)}: counts must be >= 0")
+    if sum(explicit) != m.num_layers:
+        raise UserError(
+            f"parallel.layers_per_stage sums to {sum(explicit)} but model.num_layers="
+            f"{m.num_layers}"
+        )
+    check_model_shape(recipe)
+
+
 def check_moe(recipe: Recipe) -> None:
     moe, p = recipe.moe, recipe.parallel
     if moe.topk > moe.num_experts:
-        raise ValueError(f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}")
+        raise UserError(f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}")
     physical = num_physical_experts(recipe)
     if physical % p.ep:
         what = "moe.num_experts" + (" + eplb.num_redundant_experts" if recipe.eplb.enabled else "")
-        raise ValueError(
+        raise UserError(
             f"{what} = {physical} is not divisible by parallel.ep={p.ep}; valid parallel.ep: "
             f"{_divisors(physical)}"
         )
     if moe.pad_to_capacity and moe.capacity_factor is None:
-        raise ValueError("moe.pad_to_capacity=true needs moe.capacity_factor (e.g. 1.25)")
+        raise UserError("moe.pad_to_capacity=true needs moe.capacity_factor (e.g. 1.25)")
     if moe.capacity_factor is not None and moe.token_dispatcher != "alltoall":
-        raise ValueError(
+        raise UserError(
             f"moe.capacity_factor needs moe.token_dispatcher=alltoall (got "
             f"{moe.token_dispatcher}); allowed values: alltoall"
         )
     if moe.capacity_factor is not None and recipe.eplb.enabled:
-        raise ValueError("moe.capacity_factor cannot be combined with eplb.enabled=true "
+        raise UserError("moe.capacity_factor cannot be combined with eplb.enabled=true "
                          "(capacities are per physical slot, EPLB routes over replicas)")
     if (moe.num_groups is None) != (moe.group_topk is None):
-        raise ValueError("moe.num_groups and moe.group_topk must be set together (or neither)")
+        raise UserError("moe.num_groups and moe.group_topk must be set together (or neither)")
     if moe.num_groups is not None:
         if moe.num_experts % moe.num_groups:
-            raise ValueError(
+            raise UserError(
                 f"moe.num_groups={moe.num_groups} must divide moe.num_experts={moe.num_experts}; "
                 f"valid: {_divisors(moe.num_experts)}"
             )
         if moe.group_topk > moe.num_groups:
-            raise ValueError(
+            raise UserError(
                 f"moe.group_topk={moe.group_topk} exceeds moe.num_groups={moe.num_groups}"
             )
         per_group = moe.num_experts // moe.num_groups
         if moe.topk > moe.group_topk * per_group:
-            raise ValueError(
+            raise UserError(
                 f"moe.topk={moe.topk} exceeds the experts reachable in moe.group_topk="
                 f"{moe.group_topk} groups of {per_group}"
             )
@@ -173,7 +193,7 @@ def check_batch(recipe: Recipe) -> None:
     dp = data_parallel_size(recipe)
     unit = t.micro_batch_size * dp
     if t.global_batch_size % unit:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}; "
             f"nearest valid train.global_batch_size: "
@@ -181,14 +201,16 @@ def check_batch(recipe: Recipe) -> None:
                        t.global_batch_size)
         )
     p = recipe.parallel
-    if p.schedule in ("dualpipe", "dualpipev"):
+    spec = SPECS[p.schedule]
+    if spec.dualpipe_family:
         m = num_microbatches(recipe)
-        need = 2 * p.pp
-        if m < need or (p.schedule == "dualpipe" and m % 2):
+        need = spec.min_microbatches(p.pp)
+        if m < need or m % spec.microbatch_multiple:
             valid = need if m < need else m + 1
-            raise ValueError(
+            raise UserError(
                 f"parallel.schedule={p.schedule} with parallel.pp={p.pp} needs an "
-                f"{'even ' if p.schedule == 'dualpipe' else ''}number of micro-batches >= {need}, "
+                f"{'even ' if spec.microbatch_multiple == 2 else ''}number of micro-batches "
+                f">= {need}, "
                 f"got {m} (train.global_batch_size / (train.micro_batch_size x dp)); nearest valid "
                 f"train.global_batch_size: {valid * unit}"
             )
@@ -197,7 +219,13 @@ def check_batch(recipe: Recipe) -> None:
 def check_eplb(recipe: Recipe) -> None:
     e = recipe.eplb
     if e.num_redundant_experts and not e.enabled:
-        raise ValueError("eplb.num_redundant_experts is set but eplb.enabled is false")
+        raise UserError("eplb.num_redundant_experts is set but eplb.enabled is false")
+    if recipe.moe.router_bias_init and not e.enabled:
+        raise UserError(
+            f"moe.router_bias_init={recipe.moe.router_bias_init} needs eplb.enabled=true (the "
+            "EPLB router adds the skew; Megatron's router would ignore it); allowed without "
+            "eplb: 0"
+        )
 
 
 def check_fp8(recipe: Recipe) -> None:
@@ -205,16 +233,16 @@ def check_fp8(recipe: Recipe) -> None:
     if f.recipe == "none":
         return
     if recipe.train.device == "cpu":
-        raise ValueError(
+        raise UserError(
             f"fp8.recipe={f.recipe} needs a GPU with Transformer Engine; train.device is cpu "
             "(use fp8.recipe=none on CPU)"
         )
     if f.bf16_layers_at_start + f.bf16_layers_at_end > recipe.model.num_layers:
-        raise ValueError(
+        raise UserError(
             "fp8.bf16_layers_at_start + fp8.bf16_layers_at_end exceeds model.num_layers"
         )
     if f.bf16_modules and f.param_gather:
-        raise ValueError(
+        raise UserError(
             "fp8.bf16_modules cannot be combined with fp8.param_gather=true (FP8 parameters "
             "are created as FP8 tensors; a BF16 GEMM would need BF16 weights)"
         )
@@ -226,7 +254,7 @@ def check_fp8(recipe: Recipe) -> None:
             ("moe.ffn_hidden_size", moe.ffn_hidden_size),
         ):
             if dim % 128:
-                raise ValueError(
+                raise UserError(
                     f"{name}={dim} must be a multiple of 128 for fp8.recipe={f.recipe} "
                     "(128x128 weight blocks)"
                 )
@@ -238,23 +266,10 @@ def check_fp8(recipe: Recipe) -> None:
 def check_fusions(recipe: Recipe) -> None:
     p = recipe.parallel
     if (recipe.model.gradient_accumulation_fusion and p.zero_bubble
-            and p.schedule in ("dualpipe", "dualpipev")):
-        raise ValueError(
+            and SPECS[p.schedule].dualpipe_family):
+        raise UserError(
             f"model.gradient_accumulation_fusion=true cannot be combined with parallel.schedule="
             f"{p.schedule} and parallel.zero_bubble=true (the zero-bubble W split defers "
             "Transformer Engine weight GEMMs, which fused accumulation would skip); set "
             "parallel.zero_bubble=false or model.gradient_accumulation_fusion=false"
         )
-
-
-def validate_recipe(recipe: Recipe) -> None:
-    """All cross-field rules, in the order a user would fix them."""
-    from megatron_dualpipe.config.stage_split import check_stage_split
-
-    check_parallel(recipe)
-    check_stage_split(recipe)
-    check_moe(recipe)
-    check_batch(recipe)
-    check_eplb(recipe)
-    check_fp8(recipe)
-    check_fusions(recipe)

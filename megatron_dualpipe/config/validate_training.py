@@ -1,7 +1,7 @@
 """Recipe rules for the training-loop features: batch ramp, token schedules, Adam moment dtype,
 selective recompute, FP8 dispatch.
 
-`check_training_rules(recipe)` raises `ValueError` (naming the recipe field and what is valid)
+`check_training_rules(recipe)` raises `UserError` (naming the recipe field and what is valid)
 and returns warnings; `unsupported_for_training(recipe)` lists what `plan` accepts but `train`
 refuses with Megatron-Core 0.19. Neither needs process groups.
 """
@@ -12,25 +12,24 @@ import itertools
 from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config.validate import data_parallel_size
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
-
-DUALPIPE = ("dualpipe", "dualpipev")
-
 
 def batch_increment(recipe: Recipe) -> int:
     """Smallest global-batch step that keeps the micro-batch count valid for the schedule:
     micro_batch_size x dp, twice that for dualpipe (an even number of micro-batches)."""
     unit = recipe.train.micro_batch_size * data_parallel_size(recipe)
-    return 2 * unit if recipe.parallel.schedule == "dualpipe" else unit
+    return SPECS[recipe.parallel.schedule].microbatch_multiple * unit
 
 
 def min_global_batch(recipe: Recipe) -> int:
     """Smallest global batch the schedule runs (DualPipe/V: 2 x pp micro-batches per DP rank)."""
     unit = recipe.train.micro_batch_size * data_parallel_size(recipe)
     p = recipe.parallel
-    return 2 * p.pp * unit if p.schedule in DUALPIPE else unit
+    return SPECS[p.schedule].min_microbatches(p.pp) * unit
 
 
 def check_batch_ramp(recipe: Recipe) -> list[str]:
@@ -41,20 +40,21 @@ def check_batch_ramp(recipe: Recipe) -> list[str]:
     start, end, samples = t.batch_ramp
     name = f"train.batch_ramp={list(t.batch_ramp)}"
     if end != t.global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"train.batch_ramp ends at {end} but train.global_batch_size="
             f"{t.global_batch_size}; they must be equal"
         )
     if not 0 < start <= end or samples < 0 or (start < end and samples == 0):
-        raise ValueError(f"{name}: need 0 < start <= end and ramp_samples > 0 (>= 0 when "
+        raise UserError(f"{name}: need 0 < start <= end and ramp_samples > 0 (>= 0 when "
                          "start = end)")
     inc = batch_increment(recipe)
-    why = (f"train.micro_batch_size x data-parallel size = {inc}" if p.schedule != "dualpipe"
+    bidirectional = SPECS[p.schedule].bidirectional
+    why = (f"train.micro_batch_size x data-parallel size = {inc}" if not bidirectional
            else f"2 x train.micro_batch_size x data-parallel size = {inc} (dualpipe runs an "
            "even number of micro-batches)")
     for label, value in (("start", start), ("end - start", end - start)):
         if value % inc:
-            raise ValueError(
+            raise UserError(
                 f"{name}: {label} = {value} must be a multiple of {why}; nearest valid start: "
                 f"{_nearest_multiple(start, inc)}"
             )
@@ -92,9 +92,9 @@ def check_token_schedules(recipe: Recipe) -> None:
         rows = get(recipe)
         bounds = [r[0] for r in rows]
         if any(b <= 0 for b in bounds) or any(b <= a for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"{name}: token boundaries must be > 0 and increase, got {bounds}")
+            raise UserError(f"{name}: token boundaries must be > 0 and increase, got {bounds}")
         if any(r[1] < 0 for r in rows):
-            raise ValueError(f"{name}: values must be >= 0, got {[r[1] for r in rows]}")
+            raise UserError(f"{name}: values must be >= 0, got {[r[1] for r in rows]}")
 
 
 def check_moment_dtype(recipe: Recipe) -> None:
@@ -107,10 +107,10 @@ def check_moment_dtype(recipe: Recipe) -> None:
     if o.moment_dtype == "fp32":
         return
     if o.name != "adam":
-        raise ValueError(f"optimizer.moment_dtype={o.moment_dtype} needs optimizer.name=adam "
+        raise UserError(f"optimizer.moment_dtype={o.moment_dtype} needs optimizer.name=adam "
                          f"(got {o.name}); allowed values with {o.name}: fp32")
     if not recipe.parallel.distributed_optimizer:
-        raise ValueError(f"optimizer.moment_dtype={o.moment_dtype} needs "
+        raise UserError(f"optimizer.moment_dtype={o.moment_dtype} needs "
                          "parallel.distributed_optimizer=true (Megatron-Core's precision-aware "
                          "optimizer); allowed values without it: fp32")
 
@@ -120,18 +120,18 @@ def check_recompute(recipe: Recipe) -> None:
     m, moe = recipe.model, recipe.moe
     rc = m.recompute_modules
     if "mla_up_proj" in rc and m.attention != "mla":
-        raise ValueError("model.recompute_modules: mla_up_proj needs model.attention=mla "
+        raise UserError("model.recompute_modules: mla_up_proj needs model.attention=mla "
                          f"(got {m.attention})")
     if "moe_act" in rc and not moe.grouped_gemm:
-        raise ValueError("model.recompute_modules: moe_act needs moe.grouped_gemm=true (Megatron-"
+        raise UserError("model.recompute_modules: moe_act needs moe.grouped_gemm=true (Megatron-"
                          "Core recomputes the activation of the grouped-GEMM experts only)")
     if "moe_act" in rc and recipe.train.device == "cpu":
-        raise ValueError("model.recompute_modules: moe_act needs a GPU (the grouped-GEMM experts "
+        raise UserError("model.recompute_modules: moe_act needs a GPU (the grouped-GEMM experts "
                          "are GPU-only); train.device is cpu")
 
 
 def check_training_rules(recipe: Recipe) -> list[str]:
-    """All rules of this module; raises `ValueError`, returns warnings."""
+    """All rules of this module; raises `UserError`, returns warnings."""
     check_token_schedules(recipe)
     check_moment_dtype(recipe)
     check_recompute(recipe)

@@ -4,9 +4,10 @@
 each physical slot (DeepSeek EPLB semantics); ``report`` and ``slot_moves`` describe a plan.
 """
 
-from megatron_dualpipe.eplb.migration import DEFAULT_TOL, align_to_current
-from megatron_dualpipe.eplb.planner import MODES, POLICIES, Layout, make_layout, rebalance_experts
-from megatron_dualpipe.eplb.report import (
+from megatron_dualpipe.eplb.api import MODES, rebalance_experts
+from megatron_dualpipe.eplb.placement.migration import DEFAULT_TOL, align_to_current
+from megatron_dualpipe.eplb.placement.planner import POLICIES, Layout, make_layout
+from megatron_dualpipe.eplb.placement.report import (
     EplbReport,
     balancedness,
     count_duplicates,

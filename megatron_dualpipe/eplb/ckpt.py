@@ -24,18 +24,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.eplb.replicas import mark_duplicates
+from megatron_dualpipe.eplb.topology import planner_topology
+from megatron_dualpipe.errors import UserError
 
 FOLDER = "eplb_experts"
-
-
-def find_hook(state):
-    """The EPLB hook among ``state.hooks``."""
-    from megatron_dualpipe.eplb.training import EPLBHook
-
-    for hook in state.hooks:
-        if isinstance(hook, EPLBHook):
-            return hook
-    raise ValueError("eplb.enabled but the training state has no EPLB hook")
 
 
 def is_expert_key(key: str) -> bool:
@@ -114,9 +106,9 @@ def _writer_flags(layer) -> tuple[bool, bool]:
     return meta, edp0
 
 
-def save_experts(state, path: Path) -> None:
-    """Write every local layer's canonical experts and placement (collective)."""
-    hook = find_hook(state)
+def save_experts(hook, path: Path) -> None:
+    """Write every local layer's canonical experts and placement of `hook` (an `EPLBHook`;
+    collective)."""
     folder = Path(path) / FOLDER
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +139,6 @@ def save_experts(state, path: Path) -> None:
 def _choose_placement(layer, meta: dict, hook) -> torch.Tensor:
     from megatron_dualpipe.eplb import rebalance_experts
     from megatron_dualpipe.eplb.mapping import static_placement
-    from megatron_dualpipe.eplb.training import planner_topology
 
     if meta["num_slots"] == layer.num_slots and meta["ep"] == layer.ep_size:
         return meta["phy2log"].clone()
@@ -164,12 +155,11 @@ def _choose_placement(layer, meta: dict, hook) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_experts(state, path: Path, placement: dict | None = None) -> None:
+def load_experts(hook, path: Path, placement: dict | None = None) -> None:
     """Fill every physical slot from its logical expert in ``<path>/eplb_experts``.
 
     ``placement`` (``{layer_id: phy2log}``) overrides the placement chosen for the layers.
     """
-    hook = find_hook(state)
     folder = Path(path) / FOLDER
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint has no EPLB experts (saved without eplb?)")
@@ -177,7 +167,7 @@ def load_experts(state, path: Path, placement: dict | None = None) -> None:
     for layer in hook.layers:
         meta = torch.load(folder / f"layer_{layer.layer_id:04d}.meta.pt", weights_only=False)
         if meta["num_logical"] != layer.num_logical:
-            raise ValueError(f"layer {layer.layer_id}: checkpoint has {meta['num_logical']} "
+            raise UserError(f"layer {layer.layer_id}: checkpoint has {meta['num_logical']} "
                              f"logical experts, the model {layer.num_logical}")
         new = (placement or {}).get(layer.layer_id)
         layer.router.set_placement(new if new is not None else _choose_placement(layer, meta,

@@ -15,20 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_dualpipe.eplb.planner import (
-    MODES,
-    POLICIES,
-    as_weight_array,
-    make_layout,
-    rebalance_experts,
-)
-from megatron_dualpipe.eplb.report import gpu_loads, report
+from megatron_dualpipe.eplb.api import MODES, rebalance_experts
+from megatron_dualpipe.eplb.placement.planner import POLICIES, as_weight_array, make_layout
+from megatron_dualpipe.eplb.placement.report import gpu_loads, report
+from megatron_dualpipe.errors import UserError
 
 EXIT_BAD_INPUT = 2
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+class CliError(UserError):
+    """A mistake in an ``eplb`` argument or input file: printed as one line, exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,10 +4,10 @@
 with ``router_cls`` (physical slots = logical experts + ``eplb.num_redundant_experts``) and
 calls the hook:
 
-* ``on_setup``: finds the EPLB layers, counts each logical expert once in the gradient norm,
+* ``on_build``: finds the EPLB layers, counts each logical expert once in the gradient norm,
   and wraps ``config.finalize_model_grads_func`` so replica gradients are summed alongside
   Megatron's DP/EP gradient reduction.
-* ``after_step``: reduces this step's expert loads, updates the planning window, adds the
+* ``on_step_end``: reduces this step's expert loads, updates the planning window, adds the
   balance metrics to the step record and, every ``eplb.interval`` steps, replans and moves
   experts (`rebalance.py`).
 
@@ -31,7 +31,9 @@ from megatron_dualpipe.eplb.replicas import (
     sum_replica_grads,
 )
 from megatron_dualpipe.eplb.router import make_router_class
-from megatron_dualpipe.train import TrainHook
+from megatron_dualpipe.eplb.topology import planner_topology
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.hooks import TrainHook
 
 
 def make_extension(recipe):
@@ -88,23 +90,6 @@ def _set_router(spec, router_cls, seen: set) -> None:
 # --- end shim ---
 
 
-def planner_topology(recipe) -> tuple[int, int]:
-    """``(num_groups, num_nodes)`` for the planner: the routing groups (1 without group-limited
-    routing) and the nodes one EP group spans (its ranks are ``tp`` apart, contiguous)."""
-    from megatron_dualpipe.config import world_size
-
-    p = recipe.parallel
-    num_groups = recipe.moe.num_groups or 1
-    if recipe.moe.num_experts % num_groups:
-        num_groups = 1
-    per_node = p.nproc_per_node or max(1, world_size(recipe) // p.num_nodes)
-    span = p.ep * p.tp
-    num_nodes = span // per_node if span > per_node and span % per_node == 0 else 1
-    if p.ep % num_nodes:
-        num_nodes = 1
-    return num_groups, num_nodes
-
-
 class EPLBHook(TrainHook):
     """Replica gradients, load tracking, metrics and live rebalancing (one per process)."""
 
@@ -119,7 +104,7 @@ class EPLBHook(TrainHook):
         self.last_plan_seconds = 0.0
 
     # -- TrainHook ------------------------------------------------------------------------
-    def on_setup(self, state) -> None:
+    def on_build(self, state) -> None:
         from megatron.core import parallel_state
 
         self.layers = find_layers(state.model)
@@ -129,14 +114,14 @@ class EPLBHook(TrainHook):
                                  e.window_kind)
         overlap = self.recipe.parallel.overlap_grad_reduce
         if overlap and parallel_state.get_expert_data_parallel_world_size() > 1:
-            raise ValueError("eplb with parallel.overlap_grad_reduce needs expert-data-parallel "
+            raise UserError("eplb with parallel.overlap_grad_reduce needs expert-data-parallel "
                              "size 1 (replica gradients are summed after the reduction)")
         mark_duplicates(self.layers, self.access)
         self._wrap_finalize(state.config, overlap)
         for layer in self.layers:
             layer.router.take_counts()
 
-    def after_step(self, state, record: dict) -> None:
+    def on_step_end(self, state, record: dict) -> None:
         experts, slots = step_counts(self.layers)
         if self.layers:
             self.window.update(experts)
@@ -151,6 +136,28 @@ class EPLBHook(TrainHook):
             stats = self.rebalance(state)
             if stats is not None:
                 record.update(self.move_record(stats))
+
+    # -- checkpoint: routed experts in logical layout + placement (eplb/ckpt.py) -----------
+    def checkpoint_state_dict(self, state, sharded: dict) -> dict:
+        from megatron_dualpipe.eplb import ckpt
+
+        return ckpt.without_experts(sharded, state)
+
+    def on_save(self, state, path) -> None:
+        from megatron_dualpipe.eplb import ckpt
+
+        ckpt.save_experts(self, path)
+
+    def load_state_dict(self, state, loaded: dict) -> bool:
+        from megatron_dualpipe.eplb import ckpt
+
+        ckpt.load_model_and_optimizer(state, loaded)  # everything but the routed experts
+        return True
+
+    def on_load(self, state, path) -> None:
+        from megatron_dualpipe.eplb import ckpt
+
+        ckpt.load_experts(self, path)  # fill every slot from its logical expert
 
     # -- rebalance ------------------------------------------------------------------------
     def rebalance(self, state=None, *, force: bool = False, placement: dict | None = None,

@@ -20,6 +20,8 @@ import importlib.util
 import os
 from typing import TYPE_CHECKING
 
+from megatron_dualpipe.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -116,13 +118,13 @@ def _arch_name(capability: tuple[int, int]) -> str:
 
 
 def _raise(problems: list[str], header: str) -> None:
-    """One ValueError: the problem itself, or `header` and one `  - ` line per problem."""
+    """One UserError: the problem itself, or `header` and one `  - ` line per problem."""
     if not problems:
         return
     if len(problems) == 1:
-        raise ValueError(problems[0])
+        raise UserError(problems[0])
     lines = "\n  - ".join(problems)
-    raise ValueError(f"{header}:\n  - {lines}")
+    raise UserError(f"{header}:\n  - {lines}")
 
 
 def _needs_fp8_recompute_te(recipe: Recipe) -> bool:

@@ -14,10 +14,12 @@ from megatron_dualpipe.config.stage_split import megatron_layout
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.distributed import process_groups
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.fp8.overrides import apply_bf16_modules
 from megatron_dualpipe.model.init import init_chunk
 from megatron_dualpipe.model.layout import ChunkPlacement, chunk_placements
 from megatron_dualpipe.model.wgrad_fusion import fuse_te_wgrad_accumulation
+from megatron_dualpipe.schedules.spec import SPECS
 
 
 def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
@@ -25,7 +27,7 @@ def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
     if spec == "auto":
         return device.type == "cuda" and _te_available()
     if spec == "te" and not _te_available():
-        raise ValueError(
+        raise UserError(
             "model.spec=te needs Transformer Engine (pip install 'megatron_dualpipe[gpu]')"
         )
     return spec == "te"
@@ -96,7 +98,7 @@ def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_t
 
     config = chunk_config(config, megatron_layout(recipe), placement)
     block, mtp = layer_specs(config, placement, use_te, router_cls)
-    ours = recipe.parallel.schedule in ("dualpipe", "dualpipev")
+    ours = SPECS[recipe.parallel.schedule].dualpipe_family
     chunk = GPTModel(
         config=config,
         transformer_layer_spec=block,
@@ -152,7 +154,7 @@ def build_model(recipe: Recipe, device: torch.device, router_cls=None, wrap_ddp:
         if recipe.fp8.recipe != "none":
             apply_bf16_modules(chunk, recipe.fp8.bf16_modules)
         chunks.append(chunk)
-    if recipe.parallel.schedule == "dualpipe":
+    if SPECS[recipe.parallel.schedule].bidirectional:
         # Chunk 1 mirrors a stage that chunk 0 of the mirror rank also holds: count its
         # gradients once in the gradient norm (Megatron skips `shared` parameters there).
         for param in chunks[1].parameters():

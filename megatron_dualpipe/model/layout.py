@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_dualpipe.schedules.spec import TRAIN_SCHEDULES, get_spec
+
 
 @dataclass(frozen=True)
 class ChunkPlacement:
@@ -39,21 +41,12 @@ class ChunkPlacement:
 
 def chunk_placements(schedule: str, pp: int, rank: int, vpp: int | None = None):
     """The model chunks of pipeline rank `rank`, in local chunk order."""
-    if schedule == "1f1b":
-        return [ChunkPlacement(0, rank, pp, rank, None)]
-    if schedule == "interleaved":
-        return [ChunkPlacement(v, v * pp + rank, pp * vpp, rank, v) for v in range(vpp)]
-    if schedule == "dualpipev":
-        return [
-            ChunkPlacement(0, rank, 2 * pp, rank, 0),
-            ChunkPlacement(1, 2 * pp - 1 - rank, 2 * pp, pp - 1 - rank, 1),
-        ]
-    if schedule == "dualpipe":
-        return [
-            ChunkPlacement(0, rank, pp, rank, None),
-            ChunkPlacement(1, pp - 1 - rank, pp, pp - 1 - rank, None),
-        ]
-    raise ValueError(
-        f"parallel.schedule={schedule!r}: allowed values: 1f1b, interleaved, dualpipe, dualpipev"
-    )
-
+    spec = get_spec(schedule, TRAIN_SCHEDULES, field="parallel.schedule")
+    num_stages = spec.num_stages(pp, vpp)
+    virtual = spec.megatron_vpp(vpp) is not None
+    placements = []
+    for chunk in range(spec.num_chunks(vpp)):
+        stage = spec.stage_of(pp, rank, chunk)
+        placements.append(ChunkPlacement(chunk, stage, num_stages, stage % pp,
+                                          chunk if virtual else None))
+    return placements

@@ -22,18 +22,17 @@ BINDINGS = (
 _selected: dict = {}
 
 
-def select(schedule: str | None, **options) -> None:
+def select(factory=None) -> None:
+    """Answer with `factory()` (a zero-argument callable); None: the original answers again."""
     _selected.clear()
-    if schedule is not None:
-        _selected.update(schedule=schedule, options=options)
+    if factory is not None:
+        _selected.update(factory=factory)
 
 
 def _make(original):
     def get_forward_backward_func(*args, **kwargs):
         if _selected:
-            from megatron_dualpipe.schedules.registry import our_schedule
-
-            return our_schedule(_selected["schedule"], **_selected["options"])
+            return _selected["factory"]()
         return original(*args, **kwargs)
 
     get_forward_backward_func.__wrapped__ = original

@@ -24,6 +24,7 @@ from megatron_dualpipe.planning.layout import ep_group_nodes, experts_per_rank, 
 from megatron_dualpipe.planning.params import ACTIVATED_CONVENTION, count_params
 from megatron_dualpipe.schedules.actions import build_actions
 from megatron_dualpipe.schedules.simulator import Costs, closed_form_bubble, simulate
+from megatron_dualpipe.schedules.spec import SPECS
 from megatron_dualpipe.token_schedules import BatchSchedule
 
 if TYPE_CHECKING:
@@ -135,8 +136,9 @@ def memory_assumptions(recipe: Recipe) -> str:
              if p.distributed_optimizer else "unsharded")
     moments = recipe.optimizer.moment_dtype
     main = "fp32 master + " if m.dtype == "bf16" else ""
-    copies = "2 stages per rank" if p.schedule in ("dualpipe", "dualpipev") else "1 chunk per rank"
-    if p.schedule == "interleaved":
+    spec = SPECS[p.schedule]
+    copies = "2 stages per rank" if spec.dualpipe_family else "1 chunk per rank"
+    if spec.needs_vpp:
         copies = f"{p.vpp} chunks per rank"
     gemm_in = "FP8" if f.recipe != "none" else m.dtype
     act = (f"activations = peak in-flight micro-batch chunks (schedule walk) x bytes per chunk "

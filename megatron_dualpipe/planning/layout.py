@@ -18,6 +18,7 @@ from megatron_dualpipe.config.validate import (
     num_physical_experts,
     world_size,
 )
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.model.layout import chunk_placements
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def rank_coords(recipe: Recipe, rank: int) -> dict[str, int]:
     p = recipe.parallel
     dp = data_parallel_size(recipe)
     if not 0 <= rank < world_size(recipe):
-        raise ValueError(f"rank {rank} out of range: world size is {world_size(recipe)}")
+        raise UserError(f"rank {rank} out of range: world size is {world_size(recipe)}")
     return {
         "pp": rank // (p.tp * dp),
         "dp": (rank // p.tp) % dp,

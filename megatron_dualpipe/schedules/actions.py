@@ -34,7 +34,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-SCHEDULES = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import get_spec
+
 KINDS = ("F", "B", "W", "FB")
 
 
@@ -259,17 +261,18 @@ def interleaved_actions(num_ranks: int, num_microbatches: int,
 def build_actions(schedule: str, num_ranks: int, num_microbatches: int, *, overlap: bool = True,
                   zero_bubble: bool = True, num_chunks: int = 2) -> list[list[Action]]:
     """Dispatch to the generator of ``schedule`` (overlap/zero_bubble apply to DualPipe(V))."""
-    if schedule == "dualpipe":
-        return dualpipe_actions(num_ranks, num_microbatches, overlap, zero_bubble)
-    if schedule == "dualpipev":
-        return dualpipev_actions(num_ranks, num_microbatches, overlap, zero_bubble)
-    if schedule == "1f1b":
-        return one_f_one_b_actions(num_ranks, num_microbatches)
-    if schedule == "zb1p":
-        return zb1p_actions(num_ranks, num_microbatches)
-    if schedule == "interleaved":
-        return interleaved_actions(num_ranks, num_microbatches, num_chunks)
-    raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    generate = _GENERATORS[get_spec(schedule).name]
+    return generate(num_ranks, num_microbatches, overlap, zero_bubble, num_chunks)
+
+
+# name -> generator(num_ranks, num_microbatches, overlap, zero_bubble, num_chunks)
+_GENERATORS = {
+    "1f1b": lambda n, m, overlap, zb, chunks: one_f_one_b_actions(n, m),
+    "interleaved": lambda n, m, overlap, zb, chunks: interleaved_actions(n, m, chunks),
+    "zb1p": lambda n, m, overlap, zb, chunks: zb1p_actions(n, m),
+    "dualpipe": lambda n, m, overlap, zb, chunks: dualpipe_actions(n, m, overlap, zb),
+    "dualpipev": lambda n, m, overlap, zb, chunks: dualpipev_actions(n, m, overlap, zb),
+}
 
 
 # ----------------------------------------------------------------------------- stage graph
@@ -277,14 +280,12 @@ def build_actions(schedule: str, num_ranks: int, num_microbatches: int, *, overl
 
 def num_chunks_of(schedule: str, num_chunks: int = 2) -> int:
     """Local model chunks per rank."""
-    return {"1f1b": 1, "zb1p": 1, "interleaved": num_chunks}.get(schedule, 2)
+    return get_spec(schedule).num_chunks(num_chunks)
 
 
 def num_stages(schedule: str, num_ranks: int, num_chunks: int = 2) -> int:
     """Length of a micro-batch's path (stages of one direction for DualPipe)."""
-    if schedule == "dualpipe":
-        return num_ranks
-    return num_ranks * num_chunks_of(schedule, num_chunks)
+    return get_spec(schedule).num_stages(num_ranks, num_chunks)
 
 
 def stage_of(schedule: str, num_ranks: int, rank: int, chunk: int) -> int:
@@ -293,27 +294,13 @@ def stage_of(schedule: str, num_ranks: int, rank: int, chunk: int) -> int:
     For DualPipe chunk 1 this is its position in direction 1, ``N-1-rank``, which is also the
     index of the layer block it holds (mirror of chunk 0 on rank ``N-1-rank``).
     """
-    if schedule in ("1f1b", "zb1p"):
-        return rank
-    if schedule == "interleaved":
-        return chunk * num_ranks + rank
-    if schedule == "dualpipev":
-        return rank if chunk == 0 else 2 * num_ranks - 1 - rank
-    if schedule == "dualpipe":
-        return rank if chunk == 0 else num_ranks - 1 - rank
-    raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    return get_spec(schedule).stage_of(num_ranks, rank, chunk)
 
 
 def rank_chunk_of_stage(schedule: str, num_ranks: int, stage: int,
                         direction: int = 0) -> tuple[int, int]:
     """Inverse of `stage_of`: ``(rank, chunk)``; ``direction`` (0/1) only matters for DualPipe."""
-    if schedule == "dualpipe":
-        return (stage, 0) if direction == 0 else (num_ranks - 1 - stage, 1)
-    if schedule == "dualpipev":
-        return (stage, 0) if stage < num_ranks else (2 * num_ranks - 1 - stage, 1)
-    if schedule in ("1f1b", "zb1p", "interleaved"):
-        return stage % num_ranks, stage // num_ranks
-    raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    return get_spec(schedule).rank_chunk_of_stage(num_ranks, stage, direction)
 
 
 def next_rank(schedule: str, num_ranks: int, rank: int, chunk: int, direction: str,
@@ -335,13 +322,7 @@ def next_rank(schedule: str, num_ranks: int, rank: int, chunk: int, direction: s
 
 def microbatches_of_chunk(schedule: str, num_microbatches: int, chunk: int) -> range:
     """Global micro-batch ids that pass through local ``chunk``."""
-    if schedule == "dualpipe":
-        half = num_microbatches // 2
-        return range(chunk * half, (chunk + 1) * half)
-    return range(num_microbatches)
-
-
-# ----------------------------------------------------------------------------- checks
+    return get_spec(schedule).microbatches_of_chunk(num_microbatches, chunk)
 
 
 def _nearest(value: int, ok, lo: int = 1) -> str:
@@ -353,33 +334,35 @@ def _nearest(value: int, ok, lo: int = 1) -> str:
 
 def validate(schedule: str, num_ranks: int, num_microbatches: int,
              num_layers: int | None = None, num_chunks: int = 2) -> None:
-    """Raise ValueError (naming the recipe field and nearest valid values) if unsupported."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    """Raise UserError (naming the recipe field and nearest valid values) if unsupported."""
+    spec = get_spec(schedule)
     n, m = num_ranks, num_microbatches
     if n < 1:
-        raise ValueError(f"parallel.pp={n} must be >= 1")
-    if schedule == "dualpipe" and n % 2:
-        raise ValueError(f"parallel.pp={n} must be even for dualpipe; "
-                         f"nearest valid: {_nearest(n, lambda v: v % 2 == 0, lo=2)}")
-    if schedule == "interleaved" and num_chunks < 2:
-        raise ValueError(f"num_chunks={num_chunks} must be >= 2 for interleaved")
-    if schedule == "dualpipe":
-        ok, need = (lambda v: v % 2 == 0 and v >= 2 * n), f"even and >= 2*parallel.pp={2 * n}"
-    elif schedule == "dualpipev":
-        ok, need = (lambda v: v >= 2 * n), f">= 2*parallel.pp={2 * n}"
-    elif schedule == "interleaved":
+        raise UserError(f"parallel.pp={n} must be >= 1")
+    if spec.bidirectional and n % 2:
+        raise UserError(f"parallel.pp={n} must be even for {schedule}; "
+                        f"nearest valid: {_nearest(n, lambda v: v % 2 == 0, lo=2)}")
+    if spec.needs_vpp and num_chunks < 2:
+        raise UserError(f"num_chunks={num_chunks} must be >= 2 for {schedule}")
+    low, step = spec.min_microbatches(n), spec.microbatch_multiple
+    if spec.needs_vpp:
         ok, need = (lambda v: v >= n and v % n == 0), f"a multiple of parallel.pp={n}"
+    elif spec.dualpipe_family:
+        def ok(v: int) -> bool:
+            return v % step == 0 and v >= low
+
+        need = f"{'even and ' if step == 2 else ''}>= 2*parallel.pp={low}"
     else:
         ok, need = (lambda v: v >= 1), ">= 1"
     if not ok(m):
-        raise ValueError(f"train.num_microbatches={m} must be {need} for {schedule}; "
-                         f"nearest valid: {_nearest(m, ok)}")
+        raise UserError(f"the number of micro-batches {m} (train.global_batch_size / "
+                        f"(train.micro_batch_size x data-parallel size)) must be {need} for "
+                        f"{schedule}; nearest valid: {_nearest(m, ok)}")
     if num_layers is not None:
         # DualPipe holds N layer blocks (each rank keeps two of them: 2x parameters).
-        parts = {"dualpipe": n, "dualpipev": 2 * n, "interleaved": n * num_chunks}.get(schedule, n)
+        parts = spec.num_stages(n, num_chunks)
         if num_layers < parts or num_layers % parts:
-            raise ValueError(
+            raise UserError(
                 f"model.num_layers={num_layers} must be a multiple of {parts} "
                 f"(stages of {schedule} with parallel.pp={n}); "
                 f"nearest valid: {_nearest(num_layers, lambda v: v % parts == 0, lo=parts)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from megatron_dualpipe.schedules.actions import Action
 from megatron_dualpipe.schedules.simulator import SimResult
+from megatron_dualpipe.schedules.spec import get_spec
 
 # (chunk 0, chunk 1, further chunks) per kind.
 _COLOURS = {
@@ -38,7 +39,7 @@ def _colour(kind: str, chunk: int) -> str:
 
 def _label(result: SimResult, part: Action) -> str:
     mb = part.microbatch
-    if result.schedule == "dualpipe" and part.chunk == 1:
+    if get_spec(result.schedule).bidirectional and part.chunk == 1:
         mb -= result.num_microbatches // 2
     return str(mb)
 
@@ -71,7 +72,7 @@ def draw_timeline(result: SimResult, path: str, title: str | None = None) -> Non
     ax.set_xlabel("time")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    names = ("direction 0", "direction 1") if result.schedule == "dualpipe" else (
+    names = ("direction 0", "direction 1") if get_spec(result.schedule).bidirectional else (
         "chunk 0", "chunk 1")
     chunks = {p.chunk for tl in result.timelines for e in tl for p in e.action.parts()}
     handles = [Patch(facecolor=_colour(kind, c), edgecolor="#606060",

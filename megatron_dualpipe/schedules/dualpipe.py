@@ -35,6 +35,7 @@ from megatron_dualpipe.schedules.mirror import (
     sum_mirror_grads,
 )
 from megatron_dualpipe.schedules.p2p import ACT, GRAD, Links
+from megatron_dualpipe.schedules.spec import get_spec
 from megatron_dualpipe.schedules.te_wgrad import deferral_for
 from megatron_dualpipe.schedules.wgrad import WeightGradQueue, WeightGradStore
 
@@ -100,7 +101,7 @@ class _Executor:
     def _recv(self, chunk: int, microbatch: int, kind: str) -> torch.Tensor:
         # Where does the tensor come from? The stage before (act) or after (grad) this one.
         stage = A.stage_of(self.schedule, self.num_ranks, self.rank, chunk)
-        direction = chunk if self.schedule == "dualpipe" else 0
+        direction = chunk if get_spec(self.schedule).bidirectional else 0
         src_stage = stage - 1 if kind == ACT else stage + 1
         src_rank, src_chunk = A.rank_chunk_of_stage(
             self.schedule, self.num_ranks, src_stage, direction=direction
@@ -296,7 +297,7 @@ def _forward_backward(
     links.wait_sends()
     if executor.saved or len(executor.wgrads):
         raise RuntimeError(f"{schedule}: work left after the last action (schedule bug)")
-    if schedule == "dualpipe":
+    if get_spec(schedule).bidirectional:
         sum_mirror_grads(model, pp_ranks)
     sum_embedding_copies(model)
     if config.finalize_model_grads_func is not None:

@@ -1,12 +1,12 @@
-"""Pipeline schedules selectable from a recipe, as Megatron-Core `forward_backward_func`s."""
+"""Each schedule's executor: its spec's Megatron-Core `forward_backward_func`."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
 
-OURS = ("dualpipe", "dualpipev")
-SCHEDULES = ("1f1b", "interleaved", *OURS)
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.spec import SPECS, TRAIN_SCHEDULES
 
 
 def our_schedule(name: str, *, zero_bubble: bool = True, overlap: bool = False) -> Callable:
@@ -26,12 +26,13 @@ def our_schedule(name: str, *, zero_bubble: bool = True, overlap: bool = False) 
 def forward_backward_func(schedule: str, *, zero_bubble: bool = True,
                           overlap: bool = False) -> Callable:
     """The forward-backward function for `parallel.schedule`."""
-    if schedule in ("1f1b", "interleaved"):
+    if schedule not in TRAIN_SCHEDULES:
+        raise UserError(
+            f"parallel.schedule={schedule!r}: allowed values: {', '.join(TRAIN_SCHEDULES)}"
+        )
+    spec = SPECS[schedule]
+    if not spec.dualpipe_family:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()
-    if schedule not in OURS:
-        raise ValueError(
-            f"parallel.schedule={schedule!r}: allowed values: {', '.join(SCHEDULES)}"
-        )
-    return our_schedule(schedule, zero_bubble=zero_bubble, overlap=overlap)
+    return our_schedule(spec.name, zero_bubble=zero_bubble, overlap=overlap)

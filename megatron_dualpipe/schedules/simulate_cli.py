@@ -11,13 +11,15 @@ import argparse
 import json
 import sys
 
-from megatron_dualpipe.schedules.actions import SCHEDULES, build_actions, validate
+from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.schedules.actions import build_actions, validate
 from megatron_dualpipe.schedules.simulator import (
     Costs,
     SimResult,
     closed_form_bubble,
     simulate,
 )
+from megatron_dualpipe.schedules.spec import SCHEDULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
         validate(args.schedule, args.pp, args.microbatches, num_chunks=args.chunks)
         costs = Costs(args.f, args.b, args.w, args.fb, args.p2p)
         if not 0 <= costs.w <= costs.b:
-            raise ValueError(f"--w={args.w:g} must be between 0 and --b={args.b:g}")
-    except ValueError as exc:
+            raise UserError(f"--w={args.w:g} must be between 0 and --b={args.b:g}")
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     actions = build_actions(args.schedule, args.pp, args.microbatches,
                             overlap=not args.no_overlap, zero_bubble=not args.no_zero_bubble,
                             num_chunks=args.chunks)

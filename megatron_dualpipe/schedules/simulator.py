@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from megatron_dualpipe.schedules.actions import (
     Action,
     build_actions,
-    num_chunks_of,
     num_stages,
     stage_of,
 )
+from megatron_dualpipe.schedules.spec import get_spec
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,7 @@ def simulate(schedule: str, actions: list[list[Action]], num_microbatches: int,
     compute = [sum(costs.of(e.action) for e in tl) for tl in timelines]
     bubble_per_rank = [makespan - c for c in compute]
     peaks = [_peak_activations(acts) for acts in actions]
-    unit = {"dualpipe": 1.0, "dualpipev": 0.5}.get(
-        schedule, 1.0 / num_chunks_of(schedule, num_chunks))
+    unit = num_ranks / get_spec(schedule).num_stages(num_ranks, num_chunks)  # stages per chunk
     return SimResult(schedule, num_ranks, num_microbatches, costs, timelines, makespan, compute,
                      bubble_per_rank, max(bubble_per_rank) if bubble_per_rank else 0.0, peaks,
                      [p * unit for p in peaks])
@@ -195,13 +194,14 @@ def simulate_schedule(schedule: str, num_ranks: int, num_microbatches: int,
 
 def closed_form_bubble(schedule: str, num_ranks: int, costs: Costs = Costs()) -> float | None:
     """DeepSeek README's bubble formula for ``schedule`` (None where the table has none)."""
-    f, b, w, fb = costs.f, costs.b, costs.w, costs.fb
-    if schedule == "1f1b":
-        return (num_ranks - 1) * (f + b)
-    if schedule == "zb1p":
-        return (num_ranks - 1) * (f + b - 2 * w)
-    if schedule == "dualpipe":
-        return (num_ranks / 2 - 1) * (fb + b - 3 * w)
-    if schedule == "dualpipev":
-        return (num_ranks - 1) * (fb + b - 3 * w)
-    return None
+    formula = _CLOSED_FORM.get(schedule)
+    return None if formula is None else formula(num_ranks, costs)
+
+
+# DeepSeek DualPipe README's table, by schedule name (interleaved has no entry)
+_CLOSED_FORM = {
+    "1f1b": lambda n, c: (n - 1) * (c.f + c.b),
+    "zb1p": lambda n, c: (n - 1) * (c.f + c.b - 2 * c.w),
+    "dualpipe": lambda n, c: (n / 2 - 1) * (c.fb + c.b - 3 * c.w),
+    "dualpipev": lambda n, c: (n - 1) * (c.fb + c.b - 3 * c.w),
+}

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from megatron_dualpipe.eplb.planner import as_weight_array, bin_loads
+from megatron_dualpipe.eplb.placement.planner import as_weight_array, bin_loads
 
 
 def _as_ids(phy2log: object, name: str) -> np.ndarray:
-    if isinstance(phy2log, torch.Tensor):
+    if hasattr(phy2log, "detach"):  # a torch.Tensor
         phy2log = phy2log.detach().cpu().numpy()
     arr = np.asarray(phy2log)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":

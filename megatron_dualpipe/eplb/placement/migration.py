@@ -17,17 +17,16 @@ at least one replica (stages 1-2 keep counts, stage 3 uses a complete plan).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from megatron_dualpipe.eplb.planner import Layout, bin_loads, plan_fast, swap_search
-from megatron_dualpipe.eplb.report import gpu_loads
+from megatron_dualpipe.eplb.placement.planner import Layout, bin_loads, plan_fast, swap_search
+from megatron_dualpipe.eplb.placement.report import gpu_loads
 
 DEFAULT_TOL = 0.01
 
 
 def as_placement(phy2log: object, lay: Layout, name: str = "current_phy2log") -> np.ndarray:
     """Validate a ``[layers, num_replicas]`` placement and return it as int64 numpy."""
-    if isinstance(phy2log, torch.Tensor):
+    if hasattr(phy2log, "detach"):  # a torch.Tensor
         phy2log = phy2log.detach().cpu().numpy()
     arr = np.asarray(phy2log)
     if arr.shape != (lay.num_layers, lay.num_replicas):
