@@ -216,7 +216,12 @@ def machine() -> dict:
 
 
 def command_line() -> str:
-    return "python -m benchmarks.speed " + " ".join(sys.argv[1:])
+    """This run's command, with output paths cut to their file names (no machine paths)."""
+    args = list(sys.argv[1:])
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--json":
+            args[i + 1] = Path(args[i + 1]).name
+    return "python -m benchmarks.speed " + " ".join(args)
 
 
 def main(argv=None) -> int:
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.write_docs:
-        write_docs(result)
+        write_docs([result])
     return 0
 
 

@@ -71,16 +71,10 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def section(result: dict) -> str:
-    m = result["machine"]
+def _run_text(result: dict) -> str:
     return (
-        "## Whole-step speed at V3 per-GPU shapes (`python -m benchmarks.speed`)\n\n"
-        f"Machine: {m.get('gpu', 'CPU')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
-        f"Transformer Engine {m.get('transformer_engine')}, cuBLASLt {m.get('cublaslt')}, "
-        f"megatron-core {m.get('megatron_core')}, Python {m.get('python')}.\n"
-        f"Command: `{result['command']}` (recipe `{result['recipe']}`, overrides "
-        f"`{' '.join(result['overrides'])}`; FP8 = {result['fp8_recipe']}).\n"
-        f"One process, systems interleaved: {result['rounds']} rounds x "
+        f"Command: `{result['command']}` (recipe `{result['recipe']}`; FP8 = "
+        f"{result['fp8_recipe']}). {result['rounds']} interleaved rounds x "
         f"{result['steps_per_round']} steps per system and precision after the warm-up steps; "
         f"{result['tokens_per_step']:,} tokens per step; MFU against "
         f"{result['peak_tflops']:.0f} dense BF16 TFLOP/s; peak memory of the whole process "
@@ -88,16 +82,29 @@ def section(result: dict) -> str:
     )
 
 
-def write_docs(result: dict, path: Path = DOCS) -> None:
-    write_section(path, section(result), START, END)
+def section(results: list[dict]) -> str:
+    """The docs section: the machine, then each run (the first is the main one)."""
+    m = results[0]["machine"]
+    text = (
+        "## Whole-step speed at V3 per-GPU shapes (`python -m benchmarks.speed`)\n\n"
+        f"Machine: {m.get('gpu', 'CPU')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+        f"Transformer Engine {m.get('transformer_engine')}, cuBLASLt {m.get('cublaslt')}, "
+        f"megatron-core {m.get('megatron_core')}, Python {m.get('python')}. Each run is one "
+        "process with every system built side by side and timed interleaved.\n\n"
+    )
+    return text + "\n".join(_run_text(r) for r in results)
+
+
+def write_docs(results: list[dict], path: Path = DOCS) -> None:
+    write_section(path, section(results), START, END)
 
 
 def main(argv=None) -> int:
-    """Re-render the docs section from a saved `--json` file."""
+    """Re-render the docs section from saved `--json` files (the main run first)."""
     import sys
 
-    (path,) = argv if argv is not None else sys.argv[1:]
-    write_docs(json.loads(Path(path).read_text()))
+    paths = argv if argv is not None else sys.argv[1:]
+    write_docs([json.loads(Path(p).read_text()) for p in paths])
     return 0
 
 
