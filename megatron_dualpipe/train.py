@@ -21,6 +21,7 @@ from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
 from megatron_dualpipe.profiling import StepProfiler
 from megatron_dualpipe.schedules.registry import forward_backward_func
+from megatron_dualpipe.schedules.spec import run_options
 from megatron_dualpipe.token_schedules import BatchSchedule, config_values, step_source
 
 __all__ = ["TrainState", "build_scheduler", "setup", "train", "train_step"]
@@ -137,9 +138,9 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
     if state.batches is not None:
         source = step_source(source, state.batches, step)
     schedule_values = apply_config_schedules(state, step)
-    fb = forward_backward_func(recipe.parallel.schedule,
-                               zero_bubble=recipe.parallel.zero_bubble,
-                               overlap=recipe.parallel.overlap_fb and state.device.type == "cuda")
+    zero_bubble, overlap = run_options(recipe.parallel, state.device.type == "cuda")
+    fb = forward_backward_func(recipe.parallel.schedule, zero_bubble=zero_bubble,
+                               overlap=overlap)
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()

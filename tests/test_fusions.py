@@ -114,3 +114,13 @@ def test_wgrad_fusion_refused_with_the_zero_bubble_split(schedule):
     recipe.parallel.schedule = "1f1b"
     recipe.parallel.zero_bubble = True
     check_fusions(recipe)
+
+
+def test_wgrad_fusion_allowed_with_dualpipev_at_pp1():
+    """PP=1 has no bubble, so DualPipeV runs without the W split and fused accumulation works."""
+    from megatron_dualpipe.config.validate import check_fusions
+
+    recipe = _recipe("model.gradient_accumulation_fusion=true", "parallel.schedule=dualpipev",
+                     "parallel.pp=1")
+    assert recipe.parallel.zero_bubble
+    check_fusions(recipe)

@@ -44,3 +44,16 @@ def test_names_and_questions():
 def test_unknown_schedule_is_a_user_error_naming_the_field():
     with pytest.raises(UserError, match=r"parallel.schedule='zb1p' must be one of 1f1b, "):
         get_spec("zb1p", TRAIN_SCHEDULES, field="parallel.schedule")
+
+
+def test_run_options_keep_each_feature_only_where_it_has_work():
+    """(zero_bubble, overlap) as executed: W split needs PP > 1 (bubbles), the fused F&B
+    needs EP > 1 (an all-to-all to hide) and a GPU; Megatron's schedules take neither."""
+    dpv, dp = SPECS["dualpipev"], SPECS["dualpipe"]
+    assert dpv.run_options(1, 1, True, True) == (False, False)
+    assert dpv.run_options(1, 2, True, True) == (False, True)
+    assert dpv.run_options(2, 1, True, True) == (True, False)
+    assert dpv.run_options(2, 2, True, True, on_gpu=False) == (True, False)
+    assert dp.run_options(4, 8, True, True) == (True, True)
+    assert dp.run_options(4, 8, False, False) == (False, False)
+    assert SPECS["1f1b"].run_options(4, 8, True, True) == (False, False)

@@ -137,8 +137,10 @@ class ParallelConfig(Section):
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
-    zero_bubble: bool = Field(True, description="split weight grads (DualPipe W phases)")
-    overlap_fb: bool = Field(True, description="overlapped forward+backward chunk (GPU)")
+    zero_bubble: bool = Field(
+        True, description="split weight grads (DualPipe W phases); used where pp > 1")
+    overlap_fb: bool = Field(
+        True, description="overlapped forward+backward chunk; used on GPU where ep > 1")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     layers_per_stage: list[int] | None = Field(
         None,

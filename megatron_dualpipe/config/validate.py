@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config.stage_split import num_stages
 from megatron_dualpipe.errors import UserError
-from megatron_dualpipe.schedules.spec import SPECS
+from megatron_dualpipe.schedules.spec import SPECS, run_options
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -265,8 +265,7 @@ def check_fp8(recipe: Recipe) -> None:
 
 def check_fusions(recipe: Recipe) -> None:
     p = recipe.parallel
-    if (recipe.model.gradient_accumulation_fusion and p.zero_bubble
-            and SPECS[p.schedule].dualpipe_family):
+    if recipe.model.gradient_accumulation_fusion and run_options(p)[0]:
         raise UserError(
             f"model.gradient_accumulation_fusion=true cannot be combined with parallel.schedule="
             f"{p.schedule} and parallel.zero_bubble=true (the zero-bubble W split defers "

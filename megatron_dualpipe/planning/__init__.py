@@ -24,7 +24,7 @@ from megatron_dualpipe.planning.layout import ep_group_nodes, experts_per_rank, 
 from megatron_dualpipe.planning.params import ACTIVATED_CONVENTION, count_params
 from megatron_dualpipe.schedules.actions import build_actions
 from megatron_dualpipe.schedules.simulator import Costs, closed_form_bubble, simulate
-from megatron_dualpipe.schedules.spec import SPECS
+from megatron_dualpipe.schedules.spec import SPECS, run_options
 from megatron_dualpipe.token_schedules import BatchSchedule
 
 if TYPE_CHECKING:
@@ -63,8 +63,9 @@ def simulate_recipe(recipe: Recipe, costs: Costs | None = None):
     p = recipe.parallel
     m = num_microbatches(recipe)
     chunks = p.vpp or 2
-    actions = build_actions(p.schedule, p.pp, m, overlap=p.overlap_fb,
-                            zero_bubble=p.zero_bubble, num_chunks=chunks)
+    zero_bubble, overlap = run_options(p)
+    actions = build_actions(p.schedule, p.pp, m, overlap=overlap, zero_bubble=zero_bubble,
+                            num_chunks=chunks)
     return actions, simulate(p.schedule, actions, m, costs, chunks)
 
 

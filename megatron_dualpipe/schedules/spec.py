@@ -83,6 +83,17 @@ class ScheduleSpec:
             return (stage, 0) if stage < pp else (2 * pp - 1 - stage, 1)
         return stage % pp, stage // pp
 
+    def run_options(self, pp: int, ep: int, zero_bubble: bool, overlap: bool,
+                    on_gpu: bool = True) -> tuple[bool, bool]:
+        """`(zero_bubble, overlap)` as the executor runs them: each only where it has something
+        to do. The W split fills pipeline bubbles, and PP=1 has none; the fused F&B chunk hides
+        the expert all-to-all behind the other chunk's compute, and EP=1 has none (nor does a
+        CPU, where the chunk runs sequentially). Measured at PP=1 x EP=1 on one H200, both cost
+        time with nothing to gain (docs/benchmarks.md, section speed)."""
+        if not self.dualpipe_family:
+            return False, False
+        return zero_bubble and pp > 1, overlap and self.fuses_fb and ep > 1 and on_gpu
+
     def microbatches_of_chunk(self, num_microbatches: int, chunk: int) -> range:
         """Global micro-batch ids that pass through local `chunk`."""
         if self.bidirectional:
@@ -105,6 +116,12 @@ SPECS: dict[str, ScheduleSpec] = {
 SCHEDULES = tuple(SPECS)  # everything the simulator knows
 TRAIN_SCHEDULES = tuple(n for n, s in SPECS.items() if s.trainable)  # parallel.schedule values
 OURS = tuple(n for n, s in SPECS.items() if s.dualpipe_family)
+
+
+def run_options(parallel, on_gpu: bool = True) -> tuple[bool, bool]:
+    """`ScheduleSpec.run_options` of a recipe's `parallel` section."""
+    return SPECS[parallel.schedule].run_options(parallel.pp, parallel.ep, parallel.zero_bubble,
+                                                parallel.overlap_fb, on_gpu)
 
 
 def get_spec(name: str, allowed: tuple[str, ...] = SCHEDULES,
