@@ -1,4 +1,5 @@
-"""`trace_analysis` on small synthetic Chrome traces with known answers."""
+"""`trace` analysis on small synthetic Chrome traces with known answers (the figures of the
+analyser before it became the `megatron_dualpipe.trace` package, kept as they were)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 
 import pytest
 
-from megatron_dualpipe import trace_analysis as T
 from megatron_dualpipe.cli import main
+from megatron_dualpipe.trace import analyze
+from megatron_dualpipe.trace import intervals as T
 
 
 def kernel(name, ts, dur, stream=7, device=0, corr=None):
@@ -43,7 +45,7 @@ def test_interval_helpers():
 
 def test_half_overlapped_alltoall():
     trace = {"traceEvents": [kernel(A2A, 0, 100, stream=20), kernel(GEMM, 50, 100, stream=7)]}
-    r = T.analyze(trace)
+    r = analyze(trace)
     assert r["device"] == "gpu"
     a2a = r["comm"]["alltoall"]
     assert (a2a["count"], a2a["time_us"], a2a["overlapped_us"]) == (1, 100, 50)
@@ -60,7 +62,7 @@ def test_union_of_compute_and_of_comm():
              kernel(GEMM, 0, 30, stream=7), kernel(GEMM, 20, 30, stream=8),
              kernel(GEMM, 70, 10, stream=20, device=0) | {"ts": 100},
              kernel(GEMM, 50, 50, stream=7, device=1)]
-    a2a = T.analyze(trace)["comm"]["alltoall"]
+    a2a = analyze(trace)["comm"]["alltoall"]
     assert a2a["time_us"] == 90
     assert a2a["overlapped_us"] == 40
     assert a2a["fraction"] == pytest.approx(40 / 90)
@@ -79,7 +81,7 @@ def test_sendrecv_classified_by_launching_c10d_op():
         kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 300, 30, stream=40, corr=99),
         kernel(GEMM, 120, 100, stream=7),
     ]
-    r = T.analyze(events)["comm"]
+    r = analyze(events)["comm"]
     assert (r["alltoall"]["count"], r["alltoall"]["time_us"], r["alltoall"]["overlapped_us"]) \
         == (1, 40, 20)
     assert (r["p2p"]["count"], r["p2p"]["time_us"], r["p2p"]["overlapped_us"]) == (1, 10, 10)
@@ -97,7 +99,7 @@ def test_per_step_windows_and_annotation_window():
         kernel(A2A, 150, 50, stream=20),
         kernel(GEMM, 150, 40, stream=7),    # covers [150,190)
     ]
-    r = T.analyze(events, window="dualpipe.FB")
+    r = analyze(events, window="dualpipe.FB")
     s4, s5 = r["steps"]
     assert (s4["step"], s4["time_us"]) == (4, 100)
     assert (s4["alltoall"]["time_us"], s4["alltoall"]["overlapped_us"]) == (20, 10)
@@ -120,7 +122,7 @@ def test_cpu_trace_counts_other_threads_only():
         cpu("aten::mm", 45, 100, tid=2),
         cpu("c10d::recv_", 150, 10),
     ]
-    r = T.analyze(events)
+    r = analyze(events)
     assert r["device"] == "cpu"
     a2a = r["comm"]["alltoall"]
     assert (a2a["count"], a2a["time_us"], a2a["overlapped_us"]) == (2, 50, 15)
