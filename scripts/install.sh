@@ -8,7 +8,8 @@
 #   1. torch, only if it is not importable: pip install torch==2.13.0 (on this project's dev
 #      machines that is a CPU wheel already on disk). It is installed first and on its own so
 #      that nothing later can pull a CUDA build of torch in as a dependency.
-#   2. numpy, packaging>=24.2, pyyaml, pydantic>=2, psutil, triton (megatron.core imports it).
+#   2. numpy, packaging>=24.2, pyyaml, pydantic>=2, psutil, triton (megatron.core imports it),
+#      tqdm and ijson (`trace`: progress bar, streamed JSON).
 #   3. megatron-core>=0.19.2,<0.20 with --no-deps --ignore-requires-python.
 #   4. this package, editable, with --no-deps.
 #   Transformer Engine is never installed here: Megatron-Core switches to TE layers whenever
@@ -25,7 +26,7 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 MEGATRON_SPEC="megatron-core>=0.19.2,<0.20"
-CPU_DEPS=(numpy "packaging>=24.2" pyyaml "pydantic>=2" psutil triton)
+CPU_DEPS=(numpy "packaging>=24.2" pyyaml "pydantic>=2" psutil triton tqdm ijson)
 TEST_DEPS=(pytest hypothesis matplotlib)
 
 with_test=0
@@ -135,7 +136,7 @@ fi
 if [[ "$mode" == gpu ]]; then
   extras="gpu"
   ((with_test)) && extras="gpu,test"
-  deps=("$MEGATRON_SPEC" "torch>=2.6" pyyaml "pydantic>=2" numpy packaging psutil
+  deps=("$MEGATRON_SPEC" "torch>=2.6" pyyaml "pydantic>=2" numpy packaging psutil tqdm ijson
         "transformer-engine>=2.6" .)
   ((with_test)) && deps+=("${TEST_DEPS[@]}")
   if [[ -z "$(missing "${deps[@]}")" ]]; then
