@@ -7,29 +7,11 @@ import gzip
 import json
 
 import pytest
+from trace_events import cpu, kernel, launch
 
 from megatron_dualpipe.cli import main
 from megatron_dualpipe.trace import analyze
 from megatron_dualpipe.trace import intervals as T
-
-
-def kernel(name, ts, dur, stream=7, device=0, corr=None):
-    args = {"stream": stream, "device": device}
-    if corr is not None:
-        args["correlation"] = corr
-    return {"ph": "X", "cat": "kernel", "name": name, "pid": device, "tid": stream,
-            "ts": ts, "dur": dur, "args": args}
-
-
-def cpu(name, ts, dur, tid=1, pid=100, cat="cpu_op", args=None):
-    return {"ph": "X", "cat": cat, "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur,
-            "args": args or {}}
-
-
-def launch(ts, corr, tid=1, pid=100):
-    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": pid,
-            "tid": tid, "ts": ts, "dur": 1, "args": {"correlation": corr}}
-
 
 A2A = "ncclDevKernel_AllToAll_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
 SENDRECV = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"
@@ -128,6 +110,10 @@ def test_cpu_trace_counts_other_threads_only():
     assert (a2a["count"], a2a["time_us"], a2a["overlapped_us"]) == (2, 50, 15)
     assert r["comm"]["p2p"]["time_us"] == 10
     assert r["steps"][0]["all"]["time_us"] == 60
+    # Added with the per-rank report: compute is aten::mm alone (the autograd node waits).
+    assert r["compute_time_us"] == 100
+    assert [(t["name"], t["exposed_us"]) for t in r["top_exposed"]] == \
+        [("c10d::alltoall_base_", 35), ("gloo:all_to_all", 33), ("c10d::recv_", 10)]
 
 
 def test_cli_text_and_json(tmp_path, capsys):

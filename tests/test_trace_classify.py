@@ -1,7 +1,7 @@
 """The classification table on small synthetic traces, one per naming of expert-parallel (and
 other) communication: DeepEP (v1, EPv2 legacy and elastic), HybridEP, NCCL (current and pre-2.19
 names, RCCL), torch's all_to_all_single and Megatron's alltoall dispatcher (through the c10d op
-that launched the NCCL kernel), gloo."""
+that launched the NCCL kernel). gloo: tests/test_trace_analysis.py and test_trace_own.py."""
 
 from __future__ import annotations
 
@@ -168,26 +168,6 @@ def test_nccl_kernel_kind_from_the_launching_op(ops, kind):
     r = analyze(_nccl_under(ops))["comm"]
     assert (r[kind]["count"], r[kind]["time_us"], r[kind]["overlapped_us"]) == (1, 40, 20)
     assert r["all"]["count"] == 1
-
-
-def test_gloo_cpu_ops():
-    # torch all_to_all_single on gloo: the c10d op waits on thread 1, gloo runs on thread 3;
-    # the autograd node around the c10d op waits too (not compute); aten::mm on thread 2.
-    events = [
-        cpu("autograd::engine::evaluate_function: _AllToAllBackward", 0, 100),
-        cpu("c10d::alltoall_base_", 10, 50),
-        cpu("gloo:all_to_all", 12, 40, tid=3, cat="user_annotation"),
-        cpu("aten::mm", 45, 100, tid=2),
-        cpu("c10d::allreduce_", 150, 10),
-    ]
-    r = analyze(events)
-    assert r["device"] == "cpu"
-    assert (r["comm"]["alltoall"]["count"], r["comm"]["alltoall"]["time_us"]) == (2, 50)
-    assert r["comm"]["alltoall"]["overlapped_us"] == 15  # [45, 60) under aten::mm
-    assert r["comm"]["collective"]["time_us"] == 10
-    assert r["compute_time_us"] == 100
-    assert [t["name"] for t in r["top_exposed"]] == \
-        ["c10d::alltoall_base_", "gloo:all_to_all", "c10d::allreduce_"]
 
 
 def test_short_name():
