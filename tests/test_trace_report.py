@@ -7,7 +7,7 @@ import gzip
 import json
 
 import pytest
-from trace_events import GEMM, kernel, step
+from trace_events import GEMM, cpu, kernel, step
 
 from megatron_dualpipe.cli import main
 from megatron_dualpipe.errors import UserError
@@ -94,11 +94,19 @@ def test_reader_streams_only_what_it_needs(tmp_path):
          "ts": 0, "dur": 300},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaMalloc", "pid": 100, "tid": 1, "ts": 0,
          "dur": 3, "args": {}},
+        cpu("aten::mm", 5, 3), cpu("c10d::send", 9, 3),
     ]
     path = tmp_path / "t.json.gz"
     _write(path, events, packed=True)
     table = read(path)
-    assert table.num_events == 8 and len(table) == 6  # span and launch without correlation
+    # Not kept: the span, a launch without correlation and, in a GPU trace, a CPU op that
+    # is no communication (also when it came before the first kernel).
+    assert table.num_events == 10 and len(table) == 7
+    assert [table.names[i] for i in table.name] == [
+        "ProfilerStep#0", "ProfilerStep#1", GEMM, DISPATCH, GEMM, COMBINE, "c10d::send"]
+    early = tmp_path / "early.json"
+    _write(early, [cpu("aten::mm", 5, 3), cpu("c10d::send", 9, 3)] + rank_trace(0))
+    assert len(read(early)) == 7
     assert table.lane_names == {(0, 20): "stream 20 (comm)"}
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(events))  # Chrome's array form
@@ -176,3 +184,23 @@ def test_cli_user_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("megatron-dualpipe trace: error:")
                                  for line in err)
+
+
+def test_progress_follows_the_bytes(tmp_path, capsys):
+    from megatron_dualpipe.trace.load import read_all
+
+    for r in range(2):
+        _write(tmp_path / f"rank{r}.json.gz", rank_trace(0, pid=r), packed=True)
+
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    counter = Counter()
+    read(tmp_path / "rank1.json.gz", counter)
+    assert counter.n == (tmp_path / "rank1.json.gz").stat().st_size
+    tables = read_all([tmp_path], progress=True)  # a tqdm bar on stderr, named by file
+    assert [t.label for t in tables] == ["rank0", "rank1"]
+    assert "rank1.json.gz" in capsys.readouterr().err

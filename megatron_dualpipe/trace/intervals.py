@@ -10,12 +10,12 @@ Intervals = list[tuple[float, float]]
 def union(intervals) -> Intervals:
     """Sorted, disjoint union of half-open intervals ``[start, end)``."""
     out: Intervals = []
-    for start, end in sorted(i for i in intervals if i[1] > i[0]):
-        if out and start <= out[-1][1]:
-            if end > out[-1][1]:
-                out[-1] = (out[-1][0], end)
+    for i in sorted(i for i in intervals if i[1] > i[0]):
+        if out and i[0] <= out[-1][1]:
+            if i[1] > out[-1][1]:
+                out[-1] = (out[-1][0], i[1])
         else:
-            out.append((start, end))
+            out.append(i)  # the caller's tuple: no copy of large inputs
     return out
 
 

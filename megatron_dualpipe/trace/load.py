@@ -4,8 +4,10 @@ A trace is a JSON object with a ``traceEvents`` array (what ``torch.profiler`` w
 array of events; ``.gz`` files are decompressed on the fly. The file is parsed incrementally
 (`ijson`), one event at a time, and only the complete (``ph: X``) events the analysis needs are
 kept, in typed arrays with interned names (about 40 bytes per event), so that memory stays well
-below the file size. A directory stands for the traces in it (``*.json``, ``*.json.gz``), one
-per rank.
+below the file size. Once a trace shows GPU kernels, its CPU operations are only kept where the
+GPU analysis uses them (communication ops, which tell what launched an NCCL kernel; user
+annotations, which mark steps and windows). A directory stands for the traces in it
+(``*.json``, ``*.json.gz``), one per rank.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_dualpipe.errors import UserError
-from megatron_dualpipe.trace.classify import COLLECTIVE_KEYS
+from megatron_dualpipe.trace.classify import COLLECTIVE_KEYS, op_rule
 
 # Categories kept, by code.
-KERNEL, GPU_OTHER, CPU, LAUNCH, GPU_ANNOTATION = range(5)
+KERNEL, GPU_OTHER, CPU, LAUNCH, GPU_ANNOTATION, ANNOTATION = range(6)
+CPU_CODES = (CPU, ANNOTATION)  # CPU operations and user annotations
 _CATEGORIES = {
     "kernel": KERNEL,
     "gpu_memcpy": GPU_OTHER, "gpu_memset": GPU_OTHER,
-    "cpu_op": CPU, "user_annotation": CPU, "python_function": CPU,
+    "cpu_op": CPU, "user_annotation": ANNOTATION, "python_function": CPU,
     "cuda_runtime": LAUNCH, "cuda_driver": LAUNCH, "runtime": LAUNCH, "driver": LAUNCH,
     "gpu_user_annotation": GPU_ANNOTATION,
 }
@@ -71,6 +74,7 @@ class EventTable:
         self.dur = array("d")
         self.corr = array("q")
         self.collective = array("i")
+        self.gpu = False  # kernels seen: keep only the CPU ops the GPU analysis uses
 
     def _intern(self, name: str) -> int:
         idx = self._name_ids.get(name)
@@ -104,14 +108,30 @@ class EventTable:
         corr = args.get("correlation")
         if code == LAUNCH and corr is None:
             return
+        raw_name = str(e.get("name", ""))
+        if code == CPU and self.gpu and op_rule(raw_name) is None:
+            return
+        name = self._intern(raw_name)
+        if code == KERNEL and not self.gpu:
+            self.gpu = True
+            self._drop_unwanted_ops()
         collective = next((args[k] for k in COLLECTIVE_KEYS if k in args), None)
         self.cat.append(code)
-        self.name.append(self._intern(str(e.get("name", ""))))
+        self.name.append(name)
         self.lane.append(self._lane(e.get("pid"), e.get("tid")))
         self.ts.append(float(e["ts"]))
         self.dur.append(float(e["dur"]))
         self.corr.append(int(corr) if isinstance(corr, (int, float)) else -1)
         self.collective.append(-1 if collective is None else self._intern(str(collective)))
+
+    def _drop_unwanted_ops(self) -> None:
+        keep = [i for i in range(len(self.cat))
+                if self.cat[i] != CPU or op_rule(self.names[self.name[i]]) is not None]
+        if len(keep) == len(self.cat):
+            return
+        for column in ("cat", "name", "lane", "ts", "dur", "corr", "collective"):
+            old = getattr(self, column)
+            setattr(self, column, array(old.typecode, (old[i] for i in keep)))
 
     def __len__(self) -> int:
         return len(self.cat)

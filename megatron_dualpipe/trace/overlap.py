@@ -46,8 +46,7 @@ class RankOverlap:
         self.by_kind = {k: [c for c in rank.comm if k in (c.kind, "all")] for k in KINDS}
         self.cover: dict[object, Intervals] = {}  # per comm stream: other streams' compute
         self.spans = {k: self._spans(v) for k, v in self.by_kind.items()}
-        self.busy = union([*((e.ts, e.end) for e in rank.compute),
-                           *((c.event.ts, c.event.end) for c in rank.comm),
+        self.busy = union([*self.compute, *self.spans["all"][0],
                            *((e.ts, e.end) for e in rank.other)])
 
     def other_compute(self, tid) -> Intervals:

@@ -15,7 +15,14 @@ import bisect
 from dataclasses import dataclass, field
 
 from megatron_dualpipe.trace.classify import STEP_RE, Rule, kernel_rule, op_kind, op_rule
-from megatron_dualpipe.trace.load import CPU, GPU_OTHER, KERNEL, LAUNCH, Event, EventTable
+from megatron_dualpipe.trace.load import (
+    CPU_CODES,
+    GPU_OTHER,
+    KERNEL,
+    LAUNCH,
+    Event,
+    EventTable,
+)
 
 
 @dataclass(slots=True)
@@ -44,7 +51,7 @@ class Rank:
 def split(table: EventTable) -> list[Rank]:
     """The ranks of one trace (several when a GPU trace holds several devices)."""
     steps = sorted({(int(m.group(1)), e.ts, e.end) for e in table.events(
-        CPU, names=table.name_ids(STEP_RE.match)) if (m := STEP_RE.match(e.name))})
+        *CPU_CODES, names=table.name_ids(STEP_RE.match)) if (m := STEP_RE.match(e.name))})
     ranks: dict[object, Rank] = {}
     device = "gpu" if table.has(KERNEL) else "cpu"
 
@@ -70,7 +77,7 @@ def split(table: EventTable) -> list[Rank]:
         for e in table.events(GPU_OTHER):
             rank(e.pid).other.append(e)
     else:
-        ops = list(table.events(CPU, exclude=table.name_ids(STEP_RE.match)))
+        ops = list(table.events(*CPU_CODES, exclude=table.name_ids(STEP_RE.match)))
         comm = [(op_kind(e.name, e.collective) or "collective", e) for e in ops
                 if op_rule(e.name) is not None]
         waits = _Containment([e for _, e in comm])
@@ -99,7 +106,7 @@ class _LaunchContext:
                     e = table.event(i)
                     self.launch[e.corr] = e
         comm_ops: dict[tuple, list[Event]] = {}
-        for e in table.events(CPU, names=table.name_ids(lambda n: op_rule(n) is not None)):
+        for e in table.events(*CPU_CODES, names=table.name_ids(lambda n: op_rule(n) is not None)):
             comm_ops.setdefault(e.lane, []).append(e)
         self.ops = {lane: sorted(ops, key=lambda o: o.ts) for lane, ops in comm_ops.items()}
         self.starts = {lane: [o.ts for o in ops] for lane, ops in self.ops.items()}

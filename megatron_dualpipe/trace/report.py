@@ -20,7 +20,13 @@ from pathlib import Path
 
 from megatron_dualpipe.trace.classify import KINDS
 from megatron_dualpipe.trace.intervals import union
-from megatron_dualpipe.trace.load import CPU, GPU_ANNOTATION, EventTable, from_events, read_all
+from megatron_dualpipe.trace.load import (
+    CPU_CODES,
+    GPU_ANNOTATION,
+    EventTable,
+    from_events,
+    read_all,
+)
 from megatron_dualpipe.trace.overlap import TOP, rank_report
 from megatron_dualpipe.trace.ranks import Rank, split
 
@@ -59,7 +65,7 @@ def annotation_intervals(table: EventTable, needle: str):
     """Windows of annotations whose name contains `needle` (GPU-side ones if any)."""
     ids = table.name_ids(lambda n: needle in n)
     gpu = list(table.events(GPU_ANNOTATION, names=ids))
-    cpu = list(table.events(CPU, names=ids)) if not gpu else []
+    cpu = list(table.events(*CPU_CODES, names=ids)) if not gpu else []
     return union((e.ts, e.end) for e in (gpu or cpu))
 
 
