@@ -25,6 +25,24 @@ def test_interval_helpers():
     assert T.clip([(0, 4), (5, 10)], 3, 6) == [(3, 4), (5, 6)]
 
 
+def test_intersect_binary_search_path_equals_merge():
+    # `intersect` switches to a binary search when one side is 16x shorter: same answer as
+    # the pairwise merge of the two sorted lists, whichever side is short.
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = T.union((x, x + 3 * rng.random()) for x in (100 * rng.random() for _ in range(80)))
+        b = T.union((x, x + 10 * rng.random()) for x in (100 * rng.random() for _ in range(3)))
+        merged, i, j = [], 0, 0
+        while i < len(a) and j < len(b):
+            lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+            if lo < hi:
+                merged.append((lo, hi))
+            i, j = (i + 1, j) if a[i][1] < b[j][1] else (i, j + 1)
+        assert T.intersect(a, b) == T.intersect(b, a) == merged
+
+
 def test_half_overlapped_alltoall():
     trace = {"traceEvents": [kernel(A2A, 0, 100, stream=20), kernel(GEMM, 50, 100, stream=7)]}
     r = analyze(trace)

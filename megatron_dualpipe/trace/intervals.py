@@ -21,6 +21,10 @@ def union(intervals) -> Intervals:
 
 def intersect(a: Intervals, b: Intervals) -> Intervals:
     """Intersection of two unions (as returned by `union`)."""
+    if len(b) * 16 < len(a):
+        return _intersect_few(a, b)
+    if len(a) * 16 < len(b):
+        return _intersect_few(b, a)
     out: Intervals = []
     i = j = 0
     while i < len(a) and j < len(b):
@@ -31,6 +35,19 @@ def intersect(a: Intervals, b: Intervals) -> Intervals:
             i += 1
         else:
             j += 1
+    return out
+
+
+def _intersect_few(many: Intervals, few: Intervals) -> Intervals:
+    """`intersect` for a short `few`: a binary search in `many` per interval of `few`."""
+    out: Intervals = []
+    for lo, hi in few:
+        k = bisect.bisect_right(many, lo, key=lambda iv: iv[1])  # first ending after lo
+        while k < len(many) and many[k][0] < hi:
+            start, end = max(many[k][0], lo), min(many[k][1], hi)
+            if start < end:
+                out.append((start, end))
+            k += 1
     return out
 
 

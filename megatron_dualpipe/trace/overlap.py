@@ -12,6 +12,8 @@ neither compute, nor communication, nor memory copies.
 
 from __future__ import annotations
 
+import bisect
+
 from megatron_dualpipe.trace.classify import KINDS, short_name
 from megatron_dualpipe.trace.intervals import (
     Intervals,
@@ -45,6 +47,7 @@ class RankOverlap:
         self.compute = union(i for v in self.compute_by_tid.values() for i in v)
         self.by_kind = {k: [c for c in rank.comm if k in (c.kind, "all")] for k in KINDS}
         self.cover: dict[object, Intervals] = {}  # per comm stream: other streams' compute
+        self.starts: dict[str, list[float]] = {}  # per kind: sorted start times
         self.spans = {k: self._spans(v) for k, v in self.by_kind.items()}
         self.busy = union([*self.compute, *self.spans["all"][0],
                            *((e.ts, e.end) for e in rank.other)])
@@ -68,6 +71,11 @@ class RankOverlap:
             covered += intersect(mine, self.other_compute(tid))
         return union(busy), union(covered)
 
+    def _starts(self, kind: str) -> list[float]:
+        if kind not in self.starts:
+            self.starts[kind] = sorted(c.event.ts for c in self.by_kind[kind])
+        return self.starts[kind]
+
     def window(self, win: Intervals, by_start: bool = False) -> dict:
         """Figures inside the union of intervals `win` (a step, a time range, annotations);
         events are counted if they intersect `win`, or with `by_start` if they start in it."""
@@ -75,8 +83,9 @@ class RankOverlap:
         for k in KINDS:
             busy, covered = self.spans[k]
             if by_start:
-                inside = sum(1 for c in self.by_kind[k]
-                             if any(lo <= c.event.ts < hi for lo, hi in win))
+                starts = self._starts(k)
+                inside = sum(bisect.bisect_left(starts, hi) - bisect.bisect_left(starts, lo)
+                             for lo, hi in win)
             else:
                 inside = sum(1 for c in self.by_kind[k]
                              if intersect([(c.event.ts, c.event.end)], win))
