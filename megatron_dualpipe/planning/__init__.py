@@ -83,7 +83,9 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float = 80.0) -> dict:
     over = [r.pp_rank for r in mem if r.total > gpu_memory_gb]
     if over:
         warnings.append(f"pipeline ranks {over} exceed {gpu_memory_gb:g} GB per GPU")
-    closed = closed_form_bubble(p.schedule, p.pp, sim.costs)
+    # DeepSeek's table assumes the schedule as published: overlapped F&B and the W split.
+    closed = closed_form_bubble(p.schedule, p.pp, sim.costs) if all(run_options(p)) or \
+        not SPECS[p.schedule].dualpipe_family else None
     return {
         "name": recipe.name,
         "world_size": world,
