@@ -41,6 +41,7 @@ chunks half stages, interleaved chunks ``1/num_chunks``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from megatron_dualpipe.schedules.actions import (
     Action,
@@ -125,8 +126,16 @@ def _deps(schedule: str, num_ranks: int, rank: int, part: Action, last_stage: in
 
 
 def simulate(schedule: str, actions: list[list[Action]], num_microbatches: int,
-             costs: Costs = Costs(), num_chunks: int = 2) -> SimResult:
-    """Simulate ``actions`` (one list per rank) and return timelines, bubble and memory."""
+             costs: Costs = Costs(), num_chunks: int = 2,
+             cost_of: Callable[[int, Action], float] | None = None) -> SimResult:
+    """Simulate ``actions`` (one list per rank) and return timelines, bubble and memory.
+
+    ``cost_of(rank, action)``, when given, replaces ``costs.of(action)`` (per-rank, per-chunk
+    costs, e.g. the performance model's); ``costs.p2p`` is still the cross-rank latency.
+    """
+    if cost_of is None:
+        def cost_of(rank: int, action: Action) -> float:
+            return costs.of(action)
     num_ranks = len(actions)
     last_stage = num_stages(schedule, num_ranks, num_chunks) - 1
     done: dict[tuple[int, int, str], tuple[float, int]] = {}  # key -> (end time, rank)
@@ -148,7 +157,7 @@ def simulate(schedule: str, actions: list[list[Action]], num_microbatches: int,
                 for k in keys:
                     end, src = done[k]
                     ready = max(ready, end + (costs.p2p if src != rank else 0.0))
-                end = ready + costs.of(act)
+                end = ready + cost_of(rank, act)
                 for p in parts:
                     stage = stage_of(schedule, num_ranks, rank, p.chunk)
                     done[(stage, p.microbatch, p.kind)] = (end, rank)
@@ -162,7 +171,7 @@ def simulate(schedule: str, actions: list[list[Action]], num_microbatches: int,
         raise DeadlockError(f"{schedule} deadlocks; stuck actions: " + ", ".join(stuck))
 
     makespan = max(free) if free else 0.0
-    compute = [sum(costs.of(e.action) for e in tl) for tl in timelines]
+    compute = [sum(cost_of(r, e.action) for e in tl) for r, tl in enumerate(timelines)]
     bubble_per_rank = [makespan - c for c in compute]
     peaks = [_peak_activations(acts) for acts in actions]
     unit = num_ranks / get_spec(schedule).num_stages(num_ranks, num_chunks)  # stages per chunk
