@@ -1,7 +1,9 @@
 """`python -m megatron_dualpipe plan RECIPE [--json] [--set k=v ...]`: dry-run a recipe.
 
 Validates the recipe and reports world size, rank layout, parameter counts, memory per GPU and
-the schedule's bubble, without starting processes or allocating the model.
+the schedule's bubble, without starting processes or allocating the model. `--predict` adds
+the predicted step time, throughput and cost on a GPU type (`planning/predict/`); `--search
+--gpus N` ranks the layouts of N GPUs by predicted throughput.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ def load_plan_recipe(path: str | Path, overrides=()) -> Recipe:
     With an explicit split the rules are `RECIPE_RULES` without `check_fusions`; otherwise
     exactly `RECIPE_RULES` (`config/rules.py`).
     """
-    raw = apply_overrides(load_raw(path), overrides)
+    return validate_plan_recipe(apply_overrides(load_raw(path), overrides), path)
+
+
+def validate_plan_recipe(raw: dict, path: str | Path) -> Recipe:
+    """`load_plan_recipe` on an already loaded (and overridden) raw recipe dict."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
@@ -47,15 +53,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a recipe field (repeatable)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
-                        help="memory per GPU to check against (default: 80, H100/H800)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="memory per GPU to check against (default: the --hardware's, "
+                        "else 80, H100/H800)")
+    parser.add_argument("--predict", action="store_true",
+                        help="predict step time, tokens/s per GPU, MFU and GPU-hours per "
+                        "trillion tokens (planning/predict/)")
+    parser.add_argument("--search", action="store_true",
+                        help="rank the layouts of --gpus GPUs by predicted throughput")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs for --search")
+    parser.add_argument("--hardware", default="h800",
+                        help="h800, h100, h200 or a hardware YAML file (default: h800)")
+    parser.add_argument("--calibration", default=None,
+                        help="per-layer calibration JSON (default: planning/calibration/"
+                        "h200_v3_rank.json)")
+    parser.add_argument("--png", default=None,
+                        help="with --predict: write the predicted timeline (and with --search "
+                        "the layouts' throughput) to this PNG")
 
 
 def run(args) -> int:
+    predicting = args.predict or args.search
+    if args.search and args.gpus is None:
+        raise UserError("--search needs --gpus N (the number of GPUs to lay out)")
+    if args.gpus is not None and not args.search:
+        raise UserError("--gpus is for --search")
+    if args.png and not predicting:
+        raise UserError("--png needs --predict or --search")
     recipe = load_plan_recipe(args.recipe, args.overrides)
-    plan = make_plan(recipe, args.gpu_memory_gb)
+    hw = cal = None
+    if predicting:
+        from megatron_dualpipe.planning.predict.calibration import load_calibration
+        from megatron_dualpipe.planning.predict.hardware import load_hardware
+
+        hw, cal = load_hardware(args.hardware), load_calibration(args.calibration)
+    memory_gb = args.gpu_memory_gb or (hw.hbm_gb if hw else 80.0)
+    plan = make_plan(recipe, memory_gb)
     plan["recipe"] = str(args.recipe)
-    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    model = layouts = None
+    if args.predict:
+        from megatron_dualpipe.planning.predict.model import StepModel, predict
+
+        model = StepModel(recipe, hw, cal)
+        plan["predict"] = predict(recipe, hw, cal, model)
+        plan["predict"]["max_memory_per_gpu_gb"] = max(plan["per_rank_memory_gb"])
+    if args.search:
+        from megatron_dualpipe.planning.predict.search import search
+
+        layouts = search(args.recipe, args.overrides, recipe, args.gpus, hw, cal)
+        plan["search"] = {"gpus": args.gpus, "hardware": hw.name,
+                          "layouts": [c.to_json() for c in layouts]}
+    if args.png:
+        from megatron_dualpipe.planning.predict.draw import draw_prediction, draw_search
+
+        if model is not None:
+            draw_prediction(model, {**plan["predict"], "name": recipe.name}, args.png,
+                            layouts=layouts)
+        else:
+            draw_search(layouts, args.png, f"{recipe.name}: {args.gpus} x {hw.name}")
+    if args.json:
+        print(json.dumps(plan, indent=1))
+    else:
+        from megatron_dualpipe.planning.predict.report import format_prediction, format_search
+
+        text = [format_plan(plan)]
+        if "predict" in plan:
+            text.append(format_prediction(plan["predict"]))
+        if layouts is not None:
+            text.append(format_search(layouts, args.gpus, hw.name))
+        print("\n".join(text))
     return 0
 
 
