@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 V3 = ROOT / "recipes" / "deepseek_v3_671b_ep64_tp1_pp16_h800.yaml"
 # --tiny: the recipe's structure at toy sizes, fp32 on the CPU (Megatron-Core 0.19's MLA needs
 # CUDA, so multi-head attention).
-TINY = ["model.attention=mha", "model.hidden_size=64", "model.ffn_hidden_size=96", "model.num_attention_heads=4",
+TINY = ["model.attention=mha", "model.hidden_size=64", "model.ffn_hidden_size=96",
+        "model.num_attention_heads=4",
         "model.mla.q_lora_rank=16", "model.mla.kv_lora_rank=8", "model.mla.qk_head_dim=8",
         "model.mla.qk_pos_emb_head_dim=4", "model.mla.v_head_dim=8", "model.vocab_size=256",
         "model.seq_length=32", "model.dtype=fp32", "model.spec=local", "moe.ffn_hidden_size=16",

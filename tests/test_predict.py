@@ -1,6 +1,7 @@
 """`plan --predict` / `--search`: the performance model's parts on hand-checkable cases."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -211,22 +212,52 @@ def test_bad_hardware_and_calibration_are_user_errors(tmp_path):
         load_calibration(cal)
 
 
-def _plan(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_dualpipe", "plan", *args],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def test_cli_predict_json_and_errors():
-    r = _plan(str(V3), "--predict", "--json", *(x for s in V3_SHORT for x in ("--set", s)))
-    assert r.returncode == 0, r.stderr
-    p = json.loads(r.stdout)["predict"]
+def test_cli_predict_json_and_errors(capsys, tmp_path):
+    png = tmp_path / "timeline.png"
+    args = [str(V3), "--predict", "--json", "--png", str(png),
+            *(x for s in V3_SHORT for x in ("--set", s))]
+    assert plan.main(args) == 0
+    p = json.loads(capsys.readouterr().out)["predict"]
     for key in ("step_time_s", "tokens_per_s_per_gpu", "mfu", "bubble_fraction",
                 "exposed_comm_fraction", "gpu_hours_per_trillion_tokens"):
         assert p[key] > 0
+    assert png.stat().st_size > 10_000
     for args, needle in ((["--search", "--gpus", "0"], "--gpus 0"),
                          (["--predict", "--hardware", "tpu"], "h100, h200, h800"),
                          (["--search"], "--gpus"),
                          (["--predict", "--calibration", "/nonexistent.json"], "--calibration")):
-        r = _plan(str(TINY), *args)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert needle in r.stderr
+        assert plan.main([str(TINY), *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def _calibrate_layer():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import calibrate_layer
+
+    return calibrate_layer
+
+
+def test_calibration_benchmark_feeds_each_local_expert_its_training_rows():
+    bench = _calibrate_layer()
+    recipe = plan.load_plan_recipe(V3)
+    # V3: 4096 tokens x top-8 over 256 experts on 64 EP ranks -> 4 local experts x 8192 rows.
+    assert bench.expert_tokens(recipe) == 8192
+    local = plan.load_plan_recipe(V3, bench.rank_overrides(recipe, "fp8"))
+    assert (local.moe.num_experts, local.moe.topk, local.parallel.ep) == (4, 4, 1)
+
+
+@pytest.mark.slow
+def test_calibration_benchmark_runs_tiny_on_cpu(tmp_path):
+    """~30-60 s on 2 busy cores: builds Megatron layers and times them on gloo (own process:
+    it applies the CPU and deferred-wgrad patches)."""
+    out = tmp_path / "cal.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate_layer.py"), "--tiny",
+                        "--out", str(out), "--warmup", "0", "--iters", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cal = load_calibration(out)
+    assert cal.source.startswith("measured, tiny")
+    e = cal.entry("bf16", "moe")
+    assert e["f_ms"] > 0 and e["b_ms"] > 0 and e["w_flops"] > 0

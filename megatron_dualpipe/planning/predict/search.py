@@ -1,11 +1,11 @@
 """`plan RECIPE --search --gpus N`: rank the feasible layouts of N GPUs by predicted throughput.
 
 Candidates keep the recipe's model, tensor parallelism and global batch, and vary the pipeline
-size `pp` (a power of two, at most one stage per decoder layer), the expert-parallel size `ep` (a power of two dividing the
-data-parallel size and the expert count), the schedule (1f1b, interleaved with 2 chunks,
-dualpipe, dualpipev) and the micro-batch size (1 or 2 sequences). A candidate is feasible if
-the recipe validates (`plan.load_plan_recipe`) and every GPU's memory (`planning/memory.py`)
-fits the hardware's. Layers are split over stages by `balanced_split`.
+size `pp` (a power of two, at most one stage per decoder layer), the expert-parallel size `ep`
+(a power of two dividing the data-parallel size and the expert count), the schedule (1f1b,
+interleaved with 2 chunks, dualpipe, dualpipev) and the micro-batch size (1 or 2 sequences).
+A candidate is feasible if the recipe validates (`plan.load_plan_recipe`) and every GPU's
+memory (`planning/memory.py`) fits the hardware's. Layers are split over stages by `balanced_split`.
 """
 
 from __future__ import annotations
