@@ -100,7 +100,8 @@ def run(args) -> int:
     if args.search:
         from megatron_dualpipe.planning.predict.search import search
 
-        layouts = search(args.recipe, args.overrides, recipe, args.gpus, hw, cal)
+        layouts = search(args.recipe, args.overrides, recipe, args.gpus, hw, cal,
+                         validate_plan_recipe)
         plan["search"] = {"gpus": args.gpus, "hardware": hw.name,
                           "layouts": [c.to_json() for c in layouts]}
     if args.png:

@@ -158,7 +158,8 @@ def test_balanced_split_gives_the_head_its_share():
 
 def test_search_ranks_feasible_layouts_and_matches_predict():
     recipe = plan.load_plan_recipe(TINY)
-    found = search(TINY, [], recipe, 8, load_hardware("h200"), load_calibration())
+    found = search(TINY, [], recipe, 8, load_hardware("h200"), load_calibration(),
+                   plan.validate_plan_recipe)
     ok = [c for c in found if c.feasible]
     assert ok and all(c.feasible for c in found[:len(ok)])
     rates = [c.tokens_per_s_per_gpu for c in ok]
@@ -178,7 +179,8 @@ def test_search_rejects_bad_gpu_counts():
     recipe = plan.load_plan_recipe(TINY)
     for gpus in (0, -8, 12):
         with pytest.raises(UserError, match="--gpus"):
-            search(TINY, [], recipe, gpus, load_hardware("h800"), load_calibration())
+            search(TINY, [], recipe, gpus, load_hardware("h800"), load_calibration(),
+                   plan.validate_plan_recipe)
 
 
 def test_hardware_files_name_a_source_for_every_number():

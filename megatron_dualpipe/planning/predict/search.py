@@ -4,7 +4,7 @@ Candidates keep the recipe's model, tensor parallelism and global batch, and var
 size `pp` (a power of two, at most one stage per decoder layer), the expert-parallel size `ep`
 (a power of two dividing the data-parallel size and the expert count), the schedule (1f1b,
 interleaved with 2 chunks, dualpipe, dualpipev) and the micro-batch size (1 or 2 sequences).
-A candidate is feasible if the recipe validates (`plan.load_plan_recipe`) and every GPU's
+A candidate is feasible if the recipe validates (`plan.validate_plan_recipe`) and every GPU's
 memory (`planning/memory.py`) fits the hardware's. Layers are split over stages by `balanced_split`.
 """
 
@@ -90,11 +90,10 @@ def candidates(recipe, gpus: int) -> list[Candidate]:
     return out
 
 
-def _build(raw: dict, path, base, c: Candidate, gpus: int, gpus_per_node: int):
+def _build(raw: dict, path, base, c: Candidate, gpus: int, gpus_per_node: int, validate):
     """The candidate's recipe: the base recipe's stage split where pp and schedule are the
     recipe's own, else `balanced_split`; `ValueError` if it does not validate."""
     from megatron_dualpipe.config.schema import Recipe
-    from megatron_dualpipe.plan import validate_plan_recipe
 
     sets = [f"parallel.pp={c.pp}", f"parallel.ep={c.ep}",
             f"parallel.schedule={c.schedule}", f"train.micro_batch_size={c.micro_batch_size}",
@@ -105,15 +104,15 @@ def _build(raw: dict, path, base, c: Candidate, gpus: int, gpus_per_node: int):
     if not (own and base.parallel.layers_per_stage):
         draft = Recipe.model_validate(apply_overrides(copy.deepcopy(raw), sets))
         sets.append(f"parallel.layers_per_stage={balanced_split(draft, num_stages(draft))}")
-    return validate_plan_recipe(apply_overrides(copy.deepcopy(raw), sets), path)
+    return validate(apply_overrides(copy.deepcopy(raw), sets), path)
 
 
 def evaluate(raw: dict, path, base, c: Candidate, gpus: int, hw: Hardware,
-             cal: Calibration) -> Candidate:
+             cal: Calibration, validate) -> Candidate:
     """Fill in `c`: feasibility, peak memory and (if it fits) predicted step time and
     throughput."""
     try:
-        recipe = _build(raw, path, base, c, gpus, hw.gpus_per_node)
+        recipe = _build(raw, path, base, c, gpus, hw.gpus_per_node, validate)
         model = StepModel(recipe, hw, cal)
     except ValueError as err:
         c.reason = str(err).split(";")[0][:120]
@@ -141,8 +140,12 @@ def _in_flight(actions) -> int:
 
 
 def search(path, base_overrides, recipe, gpus: int, hw: Hardware, cal: Calibration,
-           ) -> list[Candidate]:
-    """Every candidate of `gpus` GPUs, feasible ones first, fastest first."""
+           validate) -> list[Candidate]:
+    """Every candidate of `gpus` GPUs, feasible ones first, fastest first.
+
+    `validate(raw, path)` checks a candidate's raw recipe dict and returns the `Recipe`
+    (`plan.validate_plan_recipe`; passed in because `plan` imports this module).
+    """
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be a positive number of GPUs")
     tp = recipe.parallel.tp
@@ -150,5 +153,6 @@ def search(path, base_overrides, recipe, gpus: int, hw: Hardware, cal: Calibrati
         raise UserError(f"--gpus {gpus}: must be a multiple of parallel.tp={tp} and, above one "
                         f"node, of {hw.gpus_per_node} GPUs per node ({hw.name})")
     raw = apply_overrides(load_raw(path), base_overrides)
-    done = [evaluate(raw, path, recipe, c, gpus, hw, cal) for c in candidates(recipe, gpus)]
+    done = [evaluate(raw, path, recipe, c, gpus, hw, cal, validate)
+            for c in candidates(recipe, gpus)]
     return sorted(done, key=lambda c: (not c.feasible, -c.tokens_per_s_per_gpu))
