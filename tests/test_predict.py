@@ -263,3 +263,20 @@ def test_calibration_benchmark_runs_tiny_on_cpu(tmp_path):
     assert cal.source.startswith("measured, tiny")
     e = cal.entry("bf16", "moe")
     assert e["f_ms"] > 0 and e["b_ms"] > 0 and e["w_flops"] > 0
+
+
+@pytest.mark.gpu
+def test_calibration_benchmark_on_gpu(tmp_path):
+    """V3's rank with 32 heads and 2 local experts (smaller, same code path as the real run)."""
+    out = tmp_path / "cal.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate_layer.py"),
+                        "--out", str(out), "--warmup", "1", "--iters", "2",
+                        "--set", "model.num_attention_heads=32", "--set", "parallel.ep=128"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cal = load_calibration(out)
+    for prec in ("bf16", "fp8"):
+        for part in ("attention", "moe", "dense_mlp", "head"):
+            e = cal.entry(prec, part)
+            assert e["f_ms"] > 0 and e["b_ms"] > 0, (prec, part, e)
