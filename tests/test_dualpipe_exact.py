@@ -120,9 +120,10 @@ def check_against_reference(schedule: str, pp: int, ep: int, extra: tuple = (),
         a, b = got[0]["steps"][call]["loss"], ref[0]["steps"][call]["loss"]
         assert abs(a - b) <= 1e-5 * abs(b), (call, a, b)
 
-    # The zero-bubble split really deferred weight GEMMs.
+    # The zero-bubble split really deferred weight GEMMs (only where pp > 1: PP=1 has no
+    # bubble for W to fill, see ScheduleSpec.run_options).
     if schedule in OURS:
-        assert all(res["num_deferred"] > 0 for res in got)
+        assert all((res["num_deferred"] > 0) == (pp > 1) for res in got)
     return worst
 
 
