@@ -273,7 +273,8 @@ def targets(results: dict, args) -> list[str]:
     if {"none", "eplb"} <= set(uni):
         over = uni["eplb"]["moe_ms"] / uni["none"]["moe_ms"] - 1
         line(f"replica overhead at equal balance (uniform: EPLB vs none, MoE layer): "
-             f"{100 * over:+.1f}%, <= {100 * TARGETS['overhead']:.0f}%", over <= TARGETS["overhead"])
+             f"{100 * over:+.1f}%, <= {100 * TARGETS['overhead']:.0f}%",
+             over <= TARGETS["overhead"])
     shares = [(k, results[k]["variants"][n]["move_share"]) for k in args.scenarios
               for n in results[k]["variants"] if results[k]["variants"][n]["rebalances"]]
     if shares:

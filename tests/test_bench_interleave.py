@@ -52,7 +52,8 @@ def test_interleave_refuses_mixed_layouts():
 
     recipe = ROOT / "recipes" / "tiny_moe_cpu.yaml"
     with pytest.raises(ValueError, match="one parallel layout"):
-        build_states([load_recipe(recipe, TINY), load_recipe(recipe, TINY[:-1] + ["parallel.ep=1"])])
+        build_states([load_recipe(recipe, TINY),
+                      load_recipe(recipe, TINY[:-1] + ["parallel.ep=1"])])
 
 
 @pytest.mark.slow  # 2 processes, 2 variants x 3 steps of a tiny proxy: ~20 s
