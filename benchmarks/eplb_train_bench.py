@@ -336,8 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--bias-rate", type=float, default=1e-3, help="moe.bias_update_rate")
     p.add_argument("--bias-steps", type=int, default=200)
     p.add_argument("--micro-batches", type=int, default=1, help="per rank per step")
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--steps", type=int, default=24, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=16, help="timed steps per variant")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every variant (repeatable)")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
