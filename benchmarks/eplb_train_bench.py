@@ -3,8 +3,8 @@
 For each scenario (benchmarks/eplb_scenarios.py: ``static`` skew, skew that ``drift``s over
 steps, per-batch ``burst``s of another domain, and ``uniform`` for the replicas' own overhead)
 four variants of the same multi-layer MoE proxy (same weights, same data, EP = number of
-processes) train side by side in one process group, their steps interleaved
-(benchmarks/interleave.py):
+processes) train side by side in one process group (``train.setup`` once per variant; they
+share Megatron's model-parallel groups), their steps interleaved:
 
 * ``none``:      no redundant experts, no expert bias;
 * ``bias``:      the aux-loss-free expert bias (Megatron's sign update at ``--bias-rate``);
@@ -31,6 +31,7 @@ update. Per variant, over the timed steps (after ``--warmup``):
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -50,27 +51,24 @@ from benchmarks.docs_section import write_section  # noqa: E402
 from benchmarks.eplb_scenarios import KINDS, Scenario, apply  # noqa: E402
 
 MARK_START, MARK_END = "<!-- eplb_train_bench:start -->", "<!-- eplb_train_bench:end -->"
-RECIPE = ROOT / "recipes" / "tiny_moe_cpu.yaml"
 VARIANTS = ("none", "bias", "eplb", "bias+eplb")
 COMMON = ["parallel.pp=1", "parallel.schedule=1f1b", "moe.seq_aux_loss_coeff=0",
           "eplb.enabled=true", "eplb.min_gain=0", "eplb.migration_aware=true",
-          "optimizer.lr_warmup_steps=0", "optimizer.lr_decay_style=constant"]
-# V3 rank shapes (DeepSeek-V3: 256 experts top-8, 4096 tokens per GPU, EP64 -> each expert sees
-# 64 * 4096 * 8 / 256 = 8192 tokens per micro-batch). With EP=2: 16 experts top-8 and 8192
-# tokens per rank give 2 * 8192 * 8 / 16 = 8192 tokens per expert. No group-limited routing
-# (with 16 experts it would leave top-8 no choice). Two MoE layers, small vocabulary.
+          "optimizer.lr_warmup_steps=0", "optimizer.lr_decay_style=constant",
+          "model.num_layers=2", "model.num_dense_layers=0", "moe.num_groups=null",
+          "moe.group_topk=null"]
+# preset -> (recipe, overrides). v3: the V3 rank recipe (hidden 7168, MLA, expert FFN 2048,
+# shared expert; docs/deepseek_v3.md) on EP=2 with 16 experts top-8 and 8192 tokens per rank per
+# micro-batch: each expert sees 2 * 8192 * 8 / 16 = 8192 tokens, as one GPU of V3's EP64 does
+# (64 * 4096 * 8 / 256), and each GPU does 8 experts' work per token, as in V3. BF16.
 PRESETS = {
-    "tiny": ["model.num_layers=2", "model.num_dense_layers=0", "model.hidden_size=64",
-             "model.num_attention_heads=4", "moe.num_experts=8", "moe.topk=2",
-             "moe.ffn_hidden_size=32", "moe.shared_expert_ffn_hidden_size=32",
-             "moe.num_groups=null", "moe.group_topk=null", "model.seq_length=64",
-             "train.micro_batch_size=2", "model.dtype=fp32", "train.device=cpu"],
-    "v3": ["model.num_layers=2", "model.num_dense_layers=0", "model.hidden_size=7168",
-           "model.num_attention_heads=56", "moe.num_experts=16", "moe.topk=8",
-           "moe.ffn_hidden_size=2048", "moe.shared_expert_ffn_hidden_size=2048",
-           "moe.num_groups=null", "moe.group_topk=null", "model.seq_length=4096",
-           "train.micro_batch_size=2", "model.dtype=bf16", "moe.grouped_gemm=true",
-           "train.device=cuda", "model.vocab_size=4096"],
+    "tiny": ("tiny_moe_cpu.yaml", [
+        "model.hidden_size=64", "model.num_attention_heads=4", "moe.num_experts=8", "moe.topk=2",
+        "moe.ffn_hidden_size=32", "moe.shared_expert_ffn_hidden_size=32",
+        "model.seq_length=64", "train.micro_batch_size=2", "model.dtype=fp32",
+        "train.device=cpu"]),
+    "v3": ("deepseek_v3_rank_1gpu.yaml", [
+        "moe.num_experts=16", "moe.topk=8", "train.micro_batch_size=2", "fp8.recipe=none"]),
 }
 TARGETS = {"gain_drift_burst": 1.05, "static_loss": 0.01, "overhead": 0.02, "move_share": 0.01}
 
@@ -87,7 +85,8 @@ def variant_overrides(name: str, args) -> list[str]:
 def recipe_for(args, name: str, nproc: int):
     from megatron_dualpipe.config import load_recipe
 
-    return load_recipe(RECIPE, COMMON + PRESETS[args.preset] + [
+    recipe, preset = PRESETS[args.preset]
+    return load_recipe(ROOT / "recipes" / recipe, COMMON + preset + [
         f"parallel.ep={nproc}", f"parallel.nproc_per_node={nproc}",
         f"train.global_batch_size={nproc * args.micro_batches * _mbs(args)}",
         f"train.steps={args.warmup + args.steps}", "train.log_dir=/tmp/eplb_train_bench",
@@ -95,7 +94,7 @@ def recipe_for(args, name: str, nproc: int):
 
 
 def _mbs(args) -> int:
-    values = dict(o.split("=", 1) for o in PRESETS[args.preset] + args.set)
+    values = dict(o.split("=", 1) for o in PRESETS[args.preset][1] + args.set)
     return int(values.get("train.micro_batch_size", 2))
 
 
@@ -135,8 +134,7 @@ class Variant:
     """One variant's state, its routers and a timing probe on its first MoE layer."""
 
     def __init__(self, name: str, state, args):
-        from megatron_dualpipe.data import make_source
-        from megatron_dualpipe.train import _dp_rank
+        from benchmarks.speed.systems import CachedBatches
 
         self.name, self.state = name, state
         self.hook = next(h for h in state.hooks if hasattr(h, "rebalance"))
@@ -144,10 +142,7 @@ class Variant:
         first = self.routers[0]
         self.moe = next(m for m in state.model[0].module.modules()
                         if getattr(m, "router", None) is first)
-        source = make_source(state.recipe, _dp_rank(), state.device)
-        cache = {mb: source.batch(0, mb) for mb in range(source.num_microbatches)}
-        source.batch = lambda step, mb: cache[mb]  # data generation out of the timing
-        self.source = source
+        self.source = CachedBatches.from_recipe(state.recipe, state.device, num_steps=1)
         r = state.recipe
         dtype = torch.bfloat16 if r.model.dtype == "bf16" else torch.float32
         import torch.distributed as dist
@@ -174,11 +169,10 @@ class Variant:
 
 
 def run_scenario(args, kind: str) -> dict:
-    from benchmarks.interleave import build_states, release
-    from megatron_dualpipe.train import train_step
+    from megatron_dualpipe.train import setup, train_step
 
     recipes = [recipe_for(args, name, args.nproc) for name in args.variants]
-    states = build_states(recipes)
+    states = [setup(r) for r in recipes]  # one process group, same model-parallel groups
     variants = [Variant(name, state, args) for name, state in zip(args.variants, states)]
     scenario = scenario_for(args, kind, recipes[0].moe.num_experts)
     for v in variants:
@@ -198,7 +192,10 @@ def run_scenario(args, kind: str) -> dict:
     out = {"scenario": scenario.describe(), "variants": {}}
     for v in variants:
         out["variants"][v.name] = summarize(v, args)
-    release(states)
+    del variants, states  # free the models before the next scenario's
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -285,7 +282,8 @@ def targets(results: dict, args) -> list[str]:
 
 
 def markdown(results: dict, args, command: str) -> str:
-    preset = " ".join(PRESETS[args.preset] + list(args.set))
+    recipe, preset = PRESETS[args.preset]
+    preset = f"recipes/{recipe} " + " ".join(COMMON + preset + list(args.set))
     lines = [
         "## Training-time EPLB on top of the aux-loss-free bias (`benchmarks/eplb_train_bench.py`)",
         "", f"Machine: {machine(PRESET_DEVICE[args.preset])}.", "", f"Command: `{command}`", "",
@@ -355,7 +353,7 @@ def parse_args(argv=None):
     if args.skew is None:
         args.skew = 0.3 if args.tiny else 0.1
     if args.redundant is None:
-        values = dict(o.split("=", 1) for o in PRESETS[args.preset] + args.set)
+        values = dict(o.split("=", 1) for o in PRESETS[args.preset][1] + args.set)
         experts = int(values["moe.num_experts"])
         args.redundant = math.ceil(experts / 4 / args.nproc) * args.nproc
     if not args.tiny and torch.cuda.device_count() < args.nproc:

@@ -19,21 +19,23 @@ Variants (every one PP=1 x EP=2, DP=2, on the same V3 rank-shaped layers):
 ========================  ====================================================================
 
 each with ``moe.token_dispatcher=alltoall`` (NCCL) and ``=deepep`` (Megatron's flex dispatcher,
-DeepEP intranode kernels; benchmarks/deepep/build_on_gpu.sh). Shapes (V3_SET): hidden 7168, MLA
-with V3's sizes (128 heads), expert FFN 2048, shared expert 2048, 16 experts top-8 and 8192
-tokens per rank per micro-batch, so each expert sees 2 * 8192 * 8 / 16 = 8192 tokens, as one
-GPU of DeepSeek-V3's EP64 does (64 * 4096 * 8 / 256); 2 MoE layers (cut to fit four models on
-one H200), small vocabulary, BF16, Adam.
+DeepEP intranode kernels; benchmarks/deepep/build_on_gpu.sh). Shapes: the V3 rank recipe
+(recipes/deepseek_v3_rank_1gpu.yaml: hidden 7168, MLA with V3's sizes, expert FFN 2048, shared
+expert) with V3_SET: 16 experts top-8 and 8192 tokens per rank per micro-batch, so each expert
+sees 2 * 8192 * 8 / 16 = 8192 tokens, as one GPU of DeepSeek-V3's EP64 does (64 * 4096 * 8 /
+256), and each GPU does 8 experts' work per token; 2 MoE layers (cut to fit four models on one
+H200), BF16, Adam, 4 micro-batches per rank per step.
 
-One torchrun job per link mode, all variants in that job's process group
-(benchmarks/interleave.py): (a)/(b) share one model and (c)/(d) another per dispatcher (the
-flag or the schedule differs, the layers not). ``--rounds`` rounds, each runs ``--steps`` steps
-of every variant in turn (the order alternates), after one warm-up round; then one profiled step
-per variant, whose per-rank Chrome traces give the all-to-all time and the share of it covered
-by compute kernels on other streams (`trace_share`, the `trace` analyser), over the step and,
-for (d), inside the fused F&B chunks. Link modes: ``nvlink`` (as is) and ``slow``: NCCL with
-``NCCL_P2P_DISABLE=1`` (all-to-all through host shared memory instead of NVLink: a cross-node
-stand-in) and DeepEP, whose intranode kernels always use NVLink, capped to SLOW_DEEPEP_SMS SMs.
+One torchrun job per link mode, all variants in that job's process group (``train.setup`` once
+per model; they share Megatron's model-parallel groups): (a)/(b) share one model and (c)/(d)
+another per dispatcher (the flag or the schedule differs, the layers not). ``--rounds``
+rounds, each runs ``--steps`` steps of every variant in turn (the order alternates), after one
+warm-up round; then one profiled step per variant, whose per-rank Chrome traces give the
+all-to-all time and the share of it covered by compute kernels on other streams
+(`trace_share`, the `trace` analyser), over the step and, for (d), inside the fused F&B
+chunks. Link modes: ``nvlink`` (as is) and ``slow``: NCCL with ``NCCL_P2P_DISABLE=1``
+(all-to-all through host shared memory instead of NVLink: a cross-node stand-in) and DeepEP,
+whose intranode kernels always use NVLink, capped to SLOW_DEEPEP_SMS SMs.
 """
 
 from __future__ import annotations
@@ -59,15 +61,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.docs_section import write_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- overlap_bench:start -->", "<!-- overlap_bench:end -->"
-RECIPE = "recipes/deepseek_v3_proxy_2gpu.yaml"
-V3_SET = [
-    "model.num_layers=2", "model.num_dense_layers=0", "model.hidden_size=7168",
-    "model.num_attention_heads=128", "model.mla.q_lora_rank=1536", "model.mla.kv_lora_rank=512",
-    "model.vocab_size=4096", "model.mtp_num_layers=0", "model.recompute_modules=[]",
-    "moe.num_experts=16", "moe.topk=8", "moe.ffn_hidden_size=2048",
-    "moe.shared_expert_ffn_hidden_size=2048", "moe.num_groups=null", "moe.group_topk=null",
-    "fp8.recipe=none", "train.micro_batch_size=2", "train.global_batch_size=16",
-]
+RECIPE = "recipes/deepseek_v3_rank_1gpu.yaml"
+V3_SET = ["model.num_layers=2", "moe.num_experts=16", "train.micro_batch_size=2",
+          "train.global_batch_size=16", "fp8.recipe=none"]
 TINY_RECIPE = "recipes/tiny_moe_cpu.yaml"
 TINY_SET = ["model.num_layers=2", "model.num_dense_layers=0", "train.global_batch_size=8",
             "train.micro_batch_size=2", "train.device=cpu"]
@@ -137,17 +133,14 @@ class Runner:
     """A built model (state + cached data) and the variants that run on it."""
 
     def __init__(self, state, keys: list[str], dispatcher: str):
-        from megatron_dualpipe.data import make_source
-        from megatron_dualpipe.train import _dp_rank
+        from benchmarks.speed.systems import CachedBatches
 
         self.state, self.keys, self.dispatcher = state, keys, dispatcher
-        source = make_source(state.recipe, _dp_rank(), state.device)
-        cache = {mb: source.batch(0, mb) for mb in range(source.num_microbatches)}
-        source.batch = lambda step, mb: cache[mb]
-        self.source = source
+        self.source = CachedBatches.from_recipe(state.recipe, state.device, num_steps=1)
 
     def step(self, key: str, step: int) -> dict:
         from megatron_dualpipe import train as T
+        from megatron_dualpipe.patches import revert_feature_patches
         from megatron_dualpipe.schedules.overlap import cpu_record_stream_noop
 
         _, _, _, overlap_fb, ep_overlap = VARIANTS[key]
@@ -156,14 +149,15 @@ class Runner:
         self.state.config.overlap_moe_expert_parallel_comm = ep_overlap
         on_cpu = self.state.device.type == "cpu"  # plan nodes call Tensor.record_stream
         with cpu_record_stream_noop() if on_cpu else nullcontext():
-            return T.train_step(self.state, self.source, step)
+            record = T.train_step(self.state, self.source, step)
+        revert_feature_patches()  # DualPipe's W split patches Megatron's linears while it runs
+        return record
 
 
 def worker(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from benchmarks.interleave import build_states
     from megatron_dualpipe.distributed import destroy_distributed
     from megatron_dualpipe.profiling import StepProfiler
     from megatron_dualpipe.schedules.overlap import FB_ANNOTATION
@@ -171,7 +165,9 @@ def worker(args) -> int:
     families = {"1f1b": [k for k in args.variants if VARIANTS[k][2] == "1f1b"],
                 "dualpipev": [k for k in args.variants if VARIANTS[k][2] == "dualpipev"]}
     plan = [(d, keys) for d in args.dispatchers for keys in families.values() if keys]
-    states = build_states([variant_recipe(args, keys[0], d) for d, keys in plan])
+    from megatron_dualpipe.train import setup
+
+    states = [setup(variant_recipe(args, keys[0], d)) for d, keys in plan]
     runners = [Runner(s, keys, d) for s, (d, keys) in zip(states, plan)]
     if args.link == "slow" and "deepep" in args.dispatchers:
         from megatron.core.transformer.moe.fused_a2a import set_deepep_num_sms
