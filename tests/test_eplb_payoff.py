@@ -52,3 +52,29 @@ def test_routed_expert_share_of_deepseek_v3():
     # of the main model (docs/deepseek_v3.md; README_WEIGHTS.md: 36.7B)
     routed = 58 * 8 * 3 * 7168 * 2048
     assert routed_expert_share(recipe) == pytest.approx(routed / 36.63e9, rel=2e-3)
+
+
+def test_hook_logs_the_hint_when_eplb_stops_paying(monkeypatch, capsys):
+    from megatron_dualpipe.config import load_recipe
+    from megatron_dualpipe.eplb import training
+
+    monkeypatch.setattr(training.dist, "get_rank", lambda: 0)
+    hook = training.EPLBHook(load_recipe("recipes/tiny_moe_cpu_eplb.yaml"))
+    assert hook.payoff.moe_share == pytest.approx(routed_expert_share(hook.recipe))
+
+    def interval(bal_plain: float, move_ms: float) -> dict:
+        for _ in range(4):
+            hook.payoff.add_step(bal_plain, 1.0, 0.1)
+        record = {"eplb_move_ms": move_ms, "eplb_plan_ms": 1.0}
+        hook._check_payoff(record)
+        return record
+
+    record = interval(0.99, 40.0)  # balanced by the bias already: 1% gain, 41 ms to move
+    assert record["eplb_payoff_saved_ms"] < record["eplb_payoff_cost_ms"]
+    assert "[eplb] hint: EPLB does not pay here" in capsys.readouterr().err
+    interval(0.99, 40.0)
+    assert capsys.readouterr().err == ""  # logged once while it keeps not paying
+    assert interval(0.5, 0.0)["eplb_payoff_saved_ms"] > 0  # pays: no hint
+    assert capsys.readouterr().err == ""
+    interval(0.99, 40.0)
+    assert "does not pay" in capsys.readouterr().err  # stops paying again: logged again
