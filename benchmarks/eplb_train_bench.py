@@ -21,7 +21,9 @@ update. Per variant, over the timed steps (after ``--warmup``):
 * whole-step tokens/s of the proxy (``train_step``: global tokens / step time), median;
 * balancedness (mean EP-rank load / busiest EP-rank load over the step's routed tokens, all MoE
   layers; from the EPLB hook's metrics);
-* rebalance cost: plan + move time of each rebalance and its share of the interval's time.
+* rebalance cost: plan + move time of each rebalance and its share of the interval's time;
+* the run-time pay-off estimate of the EPLB hook (eplb/payoff.py: time saved vs cost per step,
+  mean over the rebalances), to compare with the measured speeds.
 
     python benchmarks/eplb_train_bench.py                     # 2 GPUs, V3 rank shapes, writes
                                                               # the docs/benchmarks.md section
@@ -221,7 +223,15 @@ def summarize(v: Variant, args) -> dict:
         "rebalance_ms": statistics.mean(move_ms) if move_ms else 0.0,
         "move_share": (statistics.mean(move_ms) / 1e3 / interval_s) if move_ms else 0.0,
         "loss_last": recs[-1]["loss"],
+        # the run-time pay-off estimate (eplb/payoff.py), mean over the rebalances
+        "payoff_saved_ms": _mean(r.get("eplb_payoff_saved_ms") for r in recs),
+        "payoff_cost_ms": _mean(r.get("eplb_payoff_cost_ms") for r in recs),
     }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def worker(args) -> dict:
@@ -297,21 +307,29 @@ def markdown(results: dict, args, command: str) -> str:
          "(min) over the timed steps. Rebalance: plan + move per rebalance, and its share of "
          "the interval (interval x median step time)."), "",
         ("| scenario | variant | slots | MoE fwd+bwd ms | tokens/s | step s | balancedness (min) "
-         "| rebalances | plan+move ms | share of interval |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+         "| rebalances | plan+move ms | share of interval | hint: saved / cost ms per step |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in args.scenarios:
         for name, r in results[kind]["variants"].items():
             lines.append(
                 f"| {kind} | {name} | {r['slots']} | {r['moe_ms']:.2f} | {r['tokens_per_s']:,.0f} "
                 f"| {r['step_s']:.3f} | {r['balancedness']:.3f} ({r['min_balancedness']:.3f}) | "
-                f"{r['rebalances']} | {r['rebalance_ms']:.1f} | {100 * r['move_share']:.2f}% |")
+                f"{r['rebalances']} | {r['rebalance_ms']:.1f} | {100 * r['move_share']:.2f}% | "
+                f"{_payoff(r)} |")
     lines += ["", "Scenarios: " + "; ".join(results[k]["scenario"] for k in args.scenarios) + ".",
               "", "Targets:", "", *targets(results, args), ""]
     return "\n".join(lines)
 
 
 PRESET_DEVICE = {"tiny": "cpu", "v3": "cuda"}
+
+
+def _payoff(r: dict) -> str:
+    if r["payoff_cost_ms"] is None:
+        return "-"
+    verdict = "pays" if r["payoff_saved_ms"] >= r["payoff_cost_ms"] else "does not pay"
+    return f"{r['payoff_saved_ms']:.2f} / {r['payoff_cost_ms']:.2f} ({verdict})"
 
 
 def parse_args(argv=None):

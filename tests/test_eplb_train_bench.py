@@ -57,4 +57,6 @@ def test_eplb_train_bench_tiny(capsys):
     slots = [int(r.split("|")[3]) for r in rows]
     assert slots == [8, 10]  # 8 experts; + 8 / 4 = 2 redundant slots (a multiple of EP=2)
     assert int(rows[1].split("|")[8]) >= 1  # EPLB rebalanced at least once
+    assert rows[0].split("|")[11].strip() == "-"  # bias alone: no rebalance, no estimate
+    assert "pay" in rows[1].split("|")[11]  # the hook's pay-off estimate reached the table
     assert "- drift: bias+EPLB" in out
