@@ -46,27 +46,56 @@ fi
 unpack_and_patch() {
   rm -rf "$SRC" && mkdir -p "$SRC"
   tar -xzf "$TARBALL" -C "$SRC" --strip-components=1 || return 1
-  # Intranode only: ignore an importable nvidia.nvshmem unless DEEPEP_INTRANODE_ONLY=0.
+  # Intranode only (DEEPEP_INTRANODE_ONLY=1, the default), three edits of v1's setup.py:
+  # 1. no NVSHMEM even when nvidia.nvshmem imports;
+  # 2. no -rdc=true: v1 adds the nvcc device-link step only with NVSHMEM, so relocatable objects
+  #    leave __cudaRegisterLinkedBinary_* undefined at import (DeepEP issue #429); the three
+  #    kernel files compile without it (no cross-file device code; checked with CUDA 13.0);
+  # 3. "-lcuda" (deep_ep.cpp calls the driver's cuMem* API) from where this machine has it: the
+  #    toolkit's stub, else the driver's libcuda.so.1 by path (often no unversioned libcuda.so).
   "$PY" - "$SRC/setup.py" <<'PY'
 import sys
 path = sys.argv[1]
 src = open(path).read()
-anchor = "    if not disable_nvshmem:\n        assert os.path.exists(nvshmem_dir)"
-if anchor not in src:
-    sys.exit("setup.py: NVSHMEM switch not found (not a DeepEP v1 tree?)")
-patch = ("    if os.getenv('DEEPEP_INTRANODE_ONLY', '1') == '1':\n"
-         "        disable_nvshmem, nvshmem_dir = True, None\n")
-open(path, "w").write(src.replace(anchor, patch + anchor, 1))
-print("patched setup.py: DEEPEP_INTRANODE_ONLY")
+edits = [
+    ("    if not disable_nvshmem:\n        assert os.path.exists(nvshmem_dir)",
+     "    if os.getenv('DEEPEP_INTRANODE_ONLY', '1') == '1':\n"
+     "        disable_nvshmem, nvshmem_dir = True, None\n"),
+    ("    # Put them together\n",
+     "    if os.getenv('DEEPEP_INTRANODE_ONLY', '1') == '1':\n"
+     "        nvcc_flags[:] = [f for f in nvcc_flags if f != '-rdc=true']\n"
+     "        extra_link_args[:] = [a for a in extra_link_args if a != '-lcuda'] + \\\n"
+     "            os.getenv('DEEPEP_LIBCUDA', '-lcuda').split()\n\n"),
+]
+for anchor, patch in edits:
+    if anchor not in src:
+        sys.exit(f"setup.py: {anchor.strip()!r} not found (not a DeepEP v1 tree?)")
+    src = src.replace(anchor, patch + anchor, 1)
+open(path, "w").write(src)
+print("patched setup.py: DEEPEP_INTRANODE_ONLY (no NVSHMEM, no -rdc, libcuda linked)")
 PY
 }
 
+# The driver library to link: the toolkit's stub, else the driver's own libcuda.so.1.
+find_libcuda() {
+  local stub
+  stub=$(find "$CUDA_HOME" -path '*stubs*' -name 'libcuda.so' 2>/dev/null | head -1)
+  if [ -n "$stub" ]; then echo "-L$(dirname "$stub") -lcuda"; return; fi
+  stub=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 / {print $NF; exit}')
+  echo "${stub:--lcuda}"
+}
+
 if [ "$CHECK" = 1 ]; then
+  CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
   unpack_and_patch || exit 1
+  log "check: libcuda link argument: $(find_libcuda)"
   log "check: sources in $SRC from $TARBALL; nvcc: $(command -v nvcc || echo none); the"
   log "build would run: (cd $SRC && TORCH_CUDA_ARCH_LIST=9.0 DEEPEP_INTRANODE_ONLY=1" \
       "$PY -m pip install --no-build-isolation --no-deps --no-index --target $SITE .)"
-  grep -n "DEEPEP_INTRANODE_ONLY" "$SRC/setup.py" | tee -a "$OUT/$SESSION.log"
+  grep -n -A2 "DEEPEP_INTRANODE_ONLY" "$SRC/setup.py" | tee -a "$OUT/$SESSION.log"
+  # setup.py itself up to its build summary (needs torch; no nvcc run, no GPU):
+  (cd "$SRC" && DEEPEP_LIBCUDA="$(find_libcuda)" "$PY" setup.py --name 2>&1 | grep -A8 "Build summary" \
+    | tee -a "$OUT/$SESSION.log")
   exit 0
 fi
 
@@ -79,7 +108,10 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # the toolkit lacks them (on the CPU machine the kernels compiled, deep_ep.cpp stopped there).
 for inc in $("$PY" -c "import glob, site; print(' '.join(glob.glob(site.getsitepackages()[0] \
     + '/nvidia/*/include')))" 2>/dev/null); do CPATH="${CPATH:+$CPATH:}$inc"; done
+# CUDA 13 keeps CCCL (cuda/std/...) under include/cccl (DeepEP issue #568).
+CPATH="${CPATH:+$CPATH:}$CUDA_HOME/include/cccl"
 export CPATH
+export DEEPEP_LIBCUDA="${DEEPEP_LIBCUDA:-$(find_libcuda)}"
 
 if [[ " $PARTS " == *" build "* ]]; then
   if "$PY" -c "import deep_ep" 2>/dev/null && [ -z "${DEEPEP_REBUILD:-}" ]; then
