@@ -94,3 +94,26 @@ def test_not_installed_is_one_line_naming_the_field(monkeypatch):
     assert "benchmarks/deepep/build_on_gpu.sh" in msg and msg.endswith("alltoall, allgather")
     assert "\n" not in msg
     check_dispatcher_installed(rank(*EP2))  # alltoall needs nothing
+
+
+@pytest.mark.parametrize("sets,expected", [
+    # recipe rule (load): DeepEP on a CPU/FP32 recipe
+    (["moe.token_dispatcher=deepep"], "moe.token_dispatcher=deepep needs model.dtype=bf16"),
+    # train rule (launcher, before any worker): valid recipe, deep_ep not importable here
+    (["moe.token_dispatcher=deepep", *(f"{k}" for k in EP2), "model.dtype=bf16",
+      "train.device=cuda"], "moe.token_dispatcher=deepep needs DeepEP (the deep_ep package)"),
+])
+def test_train_command_stops_with_one_line(capsys, monkeypatch, sets, expected):
+    from pathlib import Path
+
+    from megatron_dualpipe import cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.setitem(sys.modules, "deep_ep", None)
+    args = ["train", "recipes/tiny_moe_cpu.yaml", "--set", "parallel.pp=1"]
+    for item in sets:
+        args += ["--set", item]
+    assert cli.main(args) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and expected in lines[0], err
