@@ -98,20 +98,16 @@ def variant_recipe(args, key: str, dispatcher: str):
 def trace_share(trace_dir: Path, window: str | None) -> dict:
     """All-to-all time and the part covered by compute, summed over the ranks' traces; with
     ``window`` also inside the annotations named so (the fused F&B chunks)."""
-    from megatron_dualpipe.trace_analysis import analyze
+    from megatron_dualpipe.trace import analyze
 
-    total = {"a2a_ms": 0.0, "a2a_hidden_ms": 0.0, "fb_a2a_ms": 0.0, "fb_a2a_hidden_ms": 0.0,
-             "ranks": 0}
-    for path in sorted((trace_dir / "traces").glob("rank*.json")):  # StepProfiler's layout
-        report = analyze(path, window=window)
-        a2a = report["comm"]["alltoall"]
-        total["a2a_ms"] += a2a["time_us"] / 1e3
-        total["a2a_hidden_ms"] += a2a["overlapped_us"] / 1e3
-        if "window" in report:
-            w = report["window"]["alltoall"]
-            total["fb_a2a_ms"] += w["time_us"] / 1e3
-            total["fb_a2a_hidden_ms"] += w["overlapped_us"] / 1e3
-        total["ranks"] += 1
+    report = analyze(trace_dir / "traces", window=window)  # StepProfiler's rank<r>.json files
+    a2a = report["comm"]["alltoall"]
+    total = {"a2a_ms": a2a["time_us"] / 1e3, "a2a_hidden_ms": a2a["overlapped_us"] / 1e3,
+             "fb_a2a_ms": 0.0, "fb_a2a_hidden_ms": 0.0, "ranks": len(report["ranks"])}
+    inside = (report.get("window") or {}).get("alltoall")
+    if inside:
+        total["fb_a2a_ms"] = inside["time_us"] / 1e3
+        total["fb_a2a_hidden_ms"] = inside["overlapped_us"] / 1e3
     for prefix in ("a2a", "fb_a2a"):
         t = total[f"{prefix}_ms"]
         total[f"{prefix}_hidden"] = total[f"{prefix}_hidden_ms"] / t if t else None
