@@ -1,42 +1,41 @@
 #!/usr/bin/env python
-"""Overlapped F&B chunks on 2 GPUs: Megatron-Core 1F1B vs combined 1F1B vs our DualPipeV.
+"""Expert all-to-all hidden behind compute on 2 GPUs: Megatron-Core 1F1B / combined 1F1B vs
+DualPipeV with and without fused F&B chunks, each with the NCCL all-to-all and with DeepEP.
 
-    python benchmarks/overlap_bench.py              # all variants; writes the overlap_bench
-                                                    # section of docs/benchmarks.md
-    python benchmarks/overlap_bench.py --dry-run    # the plan (variants, recipes), no CUDA
-    python benchmarks/overlap_bench.py --variants a,d --no-write
+    python benchmarks/overlap_bench.py                  # 2 GPUs: NVLink, then the slowed link;
+                                                        # writes the overlap_bench section
+    python benchmarks/overlap_bench.py --dry-run        # the plan (variants, recipes), no CUDA
+    python benchmarks/overlap_bench.py --tiny           # CPU/gloo, tiny sizes (plumbing only)
 
-The same proxy MoE (recipes/deepseek_v3_proxy_2gpu.yaml sized down by PROXY_SET: BF16, MLA,
-1 dense + 7 MoE layers, 128 experts top-8, MTP, 4K tokens per micro-batch, 16 micro-batches per
-step) in every variant. Layouts (``--gpus``):
+Variants (every one PP=1 x EP=2, DP=2, on the same V3 rank-shaped layers):
 
-==========================  =================================  ================================
-variant                     --gpus 2                           --gpus 4
-==========================  =================================  ================================
-(a) ``mcore-1f1b``          Megatron 1F1B, PP=1 EP=2           Megatron interleaved 1F1B,
-                            (``forward_backward_no_pipelining``) PP=2 VPP=2 EP=2
-(b) ``mcore-combined``      (a) + overlap_moe_expert_parallel_comm (combined 1F1B: forward of
-                            one micro-batch fused with the backward of another, all-to-alls
-                            on a communication stream)
-(c) ``dualpipev``           DualPipeV PP=1 EP=2, F&B           DualPipeV PP=2 EP=2, F&B
-                            sequential                         sequential
-(d) ``dualpipev-overlap``   (c) with F&B chunks fused (schedules/overlap.py, ``overlap_fb``)
-==========================  =================================  ================================
+========================  ====================================================================
+(a) ``mcore-1f1b``        Megatron-Core, no pipelining (``forward_backward_no_pipelining``)
+(b) ``mcore-combined``    (a) + ``overlap_moe_expert_parallel_comm`` (Megatron's combined 1F1B:
+                          forward of one micro-batch fused with the backward of another)
+(c) ``dualpipev``         our DualPipeV with one pipeline rank (both stages of the V on each
+                          GPU), F&B chunks run one after the other
+(d) ``dualpipev-overlap`` (c) with fused F&B chunks (schedules/overlap.py, ``overlap_fb``)
+========================  ====================================================================
 
-On 2 GPUs every variant is PP=1 x EP=2 (DP=2): DualPipeV with one pipeline rank holds both
-stages of the V on each GPU, so its steady state still pairs the forward of one chunk with the
-backward of the other, and each fused F&B chunk has the expert all-to-alls of both halves to
-hide. With 4 GPUs: the same 4-stage split as (a)/(b) (two chunks per rank, V-shaped vs
-interleaved). Megatron allows (b) with PP=1 or with VPP, EP > 1,
-alltoall/flex dispatcher, BF16, no MoE recompute, ``moe_shared_expert_overlap`` off, MTP <= 1
-layer: all true here; ``delay_wgrad_compute`` stays off (as in (d)). The flag is set on the
-built model's TransformerConfig (our recipes have no field for it).
+each with ``moe.token_dispatcher=alltoall`` (NCCL) and ``=deepep`` (Megatron's flex dispatcher,
+DeepEP intranode kernels; benchmarks/deepep/build_on_gpu.sh). Shapes: the V3 rank recipe
+(recipes/deepseek_v3_rank_1gpu.yaml: hidden 7168, MLA with V3's sizes, expert FFN 2048, shared
+expert) with V3_SET: 16 experts top-8 and 8192 tokens per rank per micro-batch, so each expert
+sees 2 * 8192 * 8 / 16 = 8192 tokens, as one GPU of DeepSeek-V3's EP64 does (64 * 4096 * 8 /
+256), and each GPU does 8 experts' work per token; 2 MoE layers (cut to fit four models on one
+H200), BF16, Adam, 4 micro-batches per rank per step.
 
-Each variant is one torchrun job of 2 processes (a crash is reported in its row, the others
-still run): warm-up steps, timed steps (synchronized; median of the slower rank), then one
-profiled step whose per-rank Chrome traces give the all-to-all time and the part of it
-overlapped by compute kernels (`megatron_dualpipe.trace_analysis`), over the whole step and,
-for (d), inside the fused F&B chunks only. Peak memory is `torch.cuda.max_memory_allocated`.
+One torchrun job per link mode, all variants in that job's process group (``train.setup`` once
+per model; they share Megatron's model-parallel groups): (a)/(b) share one model and (c)/(d)
+another per dispatcher (the flag or the schedule differs, the layers not). ``--rounds``
+rounds, each runs ``--steps`` steps of every variant in turn (the order alternates), after one
+warm-up round; then one profiled step per variant, whose per-rank Chrome traces give the
+all-to-all time and the share of it covered by compute kernels on other streams
+(`trace_share`, the `trace` analyser), over the step and, for (d), inside the fused F&B
+chunks. Link modes: ``nvlink`` (as is) and ``slow``: NCCL with ``NCCL_P2P_DISABLE=1``
+(all-to-all through host shared memory instead of NVLink: a cross-node stand-in) and DeepEP,
+whose intranode kernels always use NVLink, capped to SLOW_DEEPEP_SMS SMs.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -63,119 +61,160 @@ if str(ROOT) not in sys.path:
 from benchmarks.docs_section import write_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- overlap_bench:start -->", "<!-- overlap_bench:end -->"
-RECIPE = "recipes/deepseek_v3_proxy_2gpu.yaml"
-PROXY_SET = [
-    "model.num_layers=8", "model.num_dense_layers=1", "model.recompute_modules=[]",
-    "fp8.recipe=none", "moe.num_experts=128", "moe.topk=8",
-    "train.micro_batch_size=1", "train.global_batch_size=16",
-]
-LAYOUTS = {  # --gpus -> variant -> recipe overrides
-    2: {"a": ["parallel.schedule=1f1b", "parallel.pp=1", "parallel.ep=2"],
-        "b": ["parallel.schedule=1f1b", "parallel.pp=1", "parallel.ep=2"],
-        "c": ["parallel.schedule=dualpipev", "parallel.pp=1", "parallel.ep=2"],
-        "d": ["parallel.schedule=dualpipev", "parallel.pp=1", "parallel.ep=2"]},
-    4: {"a": ["parallel.schedule=interleaved", "parallel.pp=2", "parallel.vpp=2",
-              "parallel.ep=2"],
-        "b": ["parallel.schedule=interleaved", "parallel.pp=2", "parallel.vpp=2",
-              "parallel.ep=2"],
-        "c": ["parallel.schedule=dualpipev", "parallel.pp=2", "parallel.ep=2"],
-        "d": ["parallel.schedule=dualpipev", "parallel.pp=2", "parallel.ep=2"]},
+RECIPE = "recipes/deepseek_v3_rank_1gpu.yaml"
+V3_SET = ["model.num_layers=2", "moe.num_experts=16", "train.micro_batch_size=2",
+          "train.global_batch_size=16", "fp8.recipe=none"]
+TINY_RECIPE = "recipes/tiny_moe_cpu.yaml"
+TINY_SET = ["model.num_layers=2", "model.num_dense_layers=0", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "train.device=cpu"]
+LAYOUT = ["parallel.pp=1", "parallel.ep=2", "parallel.nproc_per_node=2"]
+VARIANTS = {  # key -> (name, description, schedule, overlap_fb, overlap_moe_expert_parallel_comm)
+    "a": ("mcore-1f1b", "Megatron-Core 1F1B", "1f1b", False, False),
+    "b": ("mcore-combined", "Megatron-Core combined 1F1B (EP overlap)", "1f1b", False, True),
+    "c": ("dualpipev", "DualPipeV, F&B sequential", "dualpipev", False, False),
+    "d": ("dualpipev-overlap", "DualPipeV, F&B fused", "dualpipev", True, False),
 }
-VARIANTS = {  # key -> (name, description, overrides on top of the layout, TransformerConfig)
-    "a": ("mcore-1f1b", "Megatron-Core 1F1B", [], {}),
-    "b": ("mcore-combined", "Megatron-Core combined 1F1B (overlap_moe_expert_parallel_comm)",
-          [], {"overlap_moe_expert_parallel_comm": True}),
-    "c": ("dualpipev", "DualPipeV, F&B sequential", ["parallel.overlap_fb=false"], {}),
-    "d": ("dualpipev-overlap", "DualPipeV, F&B fused", ["parallel.overlap_fb=true"], {}),
-}
-CPU_RECIPE = "recipes/tiny_moe_cpu.yaml"
-CPU_SET = ["model.num_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2"]
-TARGET_OVERLAP = 0.80
+DISPATCHERS = ("alltoall", "deepep")
+LINKS = {"nvlink": {}, "slow": {"NCCL_P2P_DISABLE": "1"}}
+SLOW_DEEPEP_SMS = 4
+TARGET_HIDDEN = 0.80
 
 
-# =============================================================================================
-# Recipe
-# =============================================================================================
-
-
-def load(args, overrides: list[str]):
+def variant_recipe(args, key: str, dispatcher: str):
     from megatron_dualpipe.config import load_recipe
 
-    return load_recipe(ROOT / (CPU_RECIPE if args.cpu_smoke else RECIPE), overrides)
-
-
-def variant_overrides(args, key: str) -> list[str]:
-    proxy = CPU_SET if args.cpu_smoke else PROXY_SET
-    return [*proxy, *LAYOUTS[args.gpus][key], f"parallel.nproc_per_node={args.gpus}",
-            *VARIANTS[key][2], *args.set]
+    recipe = ROOT / (TINY_RECIPE if args.tiny else RECIPE)
+    schedule = VARIANTS[key][2]
+    return load_recipe(recipe, [*(TINY_SET if args.tiny else V3_SET), *LAYOUT,
+                                f"parallel.schedule={schedule}",
+                                f"moe.token_dispatcher={dispatcher}", *args.set])
 
 
 # =============================================================================================
-# Worker (one torchrun job per variant)
+# Trace: the one place that calls the trace analyser (megatron_dualpipe.trace_analysis)
 # =============================================================================================
 
 
-def _forward_backward_func(overlap_fb: bool, schedule: str, *, zero_bubble: bool = True,
-                           overlap: bool = False):
+def trace_share(trace_dir: Path, window: str | None) -> dict:
+    """All-to-all time and the part covered by compute, summed over the ranks' traces; with
+    ``window`` also inside the annotations named so (the fused F&B chunks)."""
+    from megatron_dualpipe.trace import analyze
+
+    report = analyze(trace_dir / "traces", window=window)  # StepProfiler's rank<r>.json files
+    a2a = report["comm"]["alltoall"]
+    total = {"a2a_ms": a2a["time_us"] / 1e3, "a2a_hidden_ms": a2a["overlapped_us"] / 1e3,
+             "fb_a2a_ms": 0.0, "fb_a2a_hidden_ms": 0.0, "ranks": len(report["ranks"])}
+    inside = (report.get("window") or {}).get("alltoall")
+    if inside:
+        total["fb_a2a_ms"] = inside["time_us"] / 1e3
+        total["fb_a2a_hidden_ms"] = inside["overlapped_us"] / 1e3
+    for prefix in ("a2a", "fb_a2a"):
+        t = total[f"{prefix}_ms"]
+        total[f"{prefix}_hidden"] = total[f"{prefix}_hidden_ms"] / t if t else None
+    return total
+
+
+# =============================================================================================
+# Worker (one torchrun job per link mode; every variant in its process group)
+# =============================================================================================
+
+
+def _fb_func(overlap_fb: bool, schedule: str, *, zero_bubble: bool = True, overlap=False):
     from megatron_dualpipe.schedules.registry import forward_backward_func
 
     return forward_backward_func(schedule, zero_bubble=zero_bubble, overlap=overlap_fb)
+
+
+class Runner:
+    """A built model (state + cached data) and the variants that run on it."""
+
+    def __init__(self, state, keys: list[str], dispatcher: str):
+        from benchmarks.speed.systems import CachedBatches
+
+        self.state, self.keys, self.dispatcher = state, keys, dispatcher
+        self.source = CachedBatches.from_recipe(state.recipe, state.device, num_steps=1)
+
+    def step(self, key: str, step: int) -> dict:
+        from megatron_dualpipe import train as T
+        from megatron_dualpipe.patches import revert_feature_patches
+        from megatron_dualpipe.schedules.overlap import cpu_record_stream_noop
+
+        _, _, _, overlap_fb, ep_overlap = VARIANTS[key]
+        # train_step enables overlap_fb on CUDA only; here the variant decides (also on CPU).
+        T.forward_backward_func = partial(_fb_func, overlap_fb)
+        self.state.config.overlap_moe_expert_parallel_comm = ep_overlap
+        on_cpu = self.state.device.type == "cpu"  # plan nodes call Tensor.record_stream
+        with cpu_record_stream_noop() if on_cpu else nullcontext():
+            record = T.train_step(self.state, self.source, step)
+        revert_feature_patches()  # DualPipe's W split patches Megatron's linears while it runs
+        return record
 
 
 def worker(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from megatron_dualpipe import train as T
-    from megatron_dualpipe.data import make_source
     from megatron_dualpipe.distributed import destroy_distributed
     from megatron_dualpipe.profiling import StepProfiler
-    from megatron_dualpipe.schedules.overlap import cpu_record_stream_noop
+    from megatron_dualpipe.schedules.overlap import FB_ANNOTATION
 
-    key = args.worker
-    trace_dir = Path(args.trace_dir)
-    recipe = load(args, [*variant_overrides(args, key), f"train.log_dir={trace_dir}"])
-    state = T.setup(recipe)
-    # train_step enables overlap_fb on CUDA only; here the recipe decides (also --cpu-smoke).
-    T.forward_backward_func = partial(_forward_backward_func, recipe.parallel.overlap_fb)
-    for name, value in VARIANTS[key][3].items():
-        setattr(state.config, name, value)
+    families = {"1f1b": [k for k in args.variants if VARIANTS[k][2] == "1f1b"],
+                "dualpipev": [k for k in args.variants if VARIANTS[k][2] == "dualpipev"]}
+    plan = [(d, keys) for d in args.dispatchers for keys in families.values() if keys]
+    from megatron_dualpipe.train import setup
+
+    states = [setup(variant_recipe(args, keys[0], d)) for d, keys in plan]
+    runners = [Runner(s, keys, d) for s, (d, keys) in zip(states, plan)]
+    if args.link == "slow" and "deepep" in args.dispatchers:
+        from megatron.core.transformer.moe.fused_a2a import set_deepep_num_sms
+
+        set_deepep_num_sms(SLOW_DEEPEP_SMS)  # global to DeepEP's Buffer; set after the builds
+    jobs = [(r, k) for r in runners for k in r.keys]
+    times = {(r.dispatcher, k): [] for r, k in jobs}
+    losses = {(r.dispatcher, k): [] for r, k in jobs}
+    step = 0
+    for rnd in range(args.rounds + 1):  # round 0: warm-up
+        for runner, key in (jobs if rnd % 2 == 0 else jobs[::-1]):
+            for _ in range(args.steps):
+                record = runner.step(key, step)
+                step += 1
+                losses[(runner.dispatcher, key)].append(record["loss"])
+                if rnd:
+                    times[(runner.dispatcher, key)].append(record["step_time_s"])
     rank = dist.get_rank()
-    source = make_source(recipe, T._dp_rank(), state.device)
-    cache = {mb: source.batch(0, mb) for mb in range(source.num_microbatches)}
-    source.batch = lambda step, mb: cache[mb]
-    profiler = StepProfiler(f"{args.warmup + args.steps}:{args.warmup + args.steps + 1}",
-                            trace_dir, rank, state.device, verbose=False)
-    # Megatron's plan nodes call Tensor.record_stream, which CPU tensors lack (--cpu-smoke).
-    on_cpu = state.device.type == "cpu"
-    times, losses = [], []
-    for step in range(args.warmup + args.steps + (1 if args.profile else 0)):
-        with profiler.step(step), (cpu_record_stream_noop() if on_cpu else nullcontext()):
-            record = T.train_step(state, source, step)
-        if args.warmup <= step < args.warmup + args.steps:
-            times.append(record["step_time_s"])
-        losses.append(record["loss"])
-    profiler.close()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if state.device.type == "cuda" else 0.0
-    local = torch.tensor([*times, peak], dtype=torch.float64, device=state.device)
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    if rank == 0:
-        rows = torch.stack(gathered).cpu()
-        step_times = rows[:, :-1].max(dim=0).values.tolist()  # the slower rank
-        median = statistics.median(step_times)
+    workdir = Path(args.trace_dir)
+    traces = {}
+    if args.profile:
+        for runner, key in jobs:
+            trace_dir = workdir / f"traces_{args.link}_{runner.dispatcher}_{key}"
+            prof = StepProfiler(f"{step}:{step + 1}", trace_dir, rank, runner.state.device,
+                                verbose=False)
+            with prof.step(step):
+                runner.step(key, step)
+            prof.close()
+            step += 1
+            traces[(runner.dispatcher, key)] = trace_dir
+    dev = runners[0].state.device
+    out = {}
+    for (disp, key), ts in times.items():
+        local = torch.tensor(ts, dtype=torch.float64, device=dev)
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        per_step = torch.stack(gathered).max(dim=0).values.tolist()  # the slower rank
+        recipe = runners[0].state.recipe
         tokens = recipe.train.global_batch_size * recipe.model.seq_length
-        p = recipe.parallel
-        layout = f"{p.schedule} PP={p.pp}" + (f" VPP={p.vpp}" if p.vpp else "") + f" EP={p.ep}"
-        result = {
-            "variant": key, "layout": layout, "step_times_s": step_times, "median_step_s": median,
-            "tokens_per_s_per_gpu": tokens / median / dist.get_world_size(),
-            "peak_memory_gb": float(rows[:, -1].max()), "losses": losses,
-            "num_microbatches": source.num_microbatches,
-            "config_overlap_moe_expert_parallel_comm": bool(
-                getattr(state.config, "overlap_moe_expert_parallel_comm", False)),
-        }
-        Path(args.result).write_text(json.dumps(result))
+        median = statistics.median(per_step)
+        out[f"{disp}/{key}"] = {"dispatcher": disp, "variant": key, "step_times_s": per_step,
+                                "median_step_s": median,
+                                "tokens_per_s_per_gpu": tokens / median / dist.get_world_size(),
+                                "losses": losses[(disp, key)]}
+    dist.barrier()
+    if rank == 0:
+        for (disp, key), trace_dir in traces.items():
+            window = FB_ANNOTATION if VARIANTS[key][3] else None
+            out[f"{disp}/{key}"]["trace"] = trace_share(trace_dir, window)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+        Path(args.result).write_text(json.dumps({"results": out, "peak_memory_gb": peak}))
     destroy_distributed()
     return 0
 
@@ -185,38 +224,35 @@ def worker(args) -> int:
 # =============================================================================================
 
 
-def _worker_cmd(args, key: str, result: Path, trace_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.gpus}", str(Path(__file__).resolve()), "--worker", key,
-           "--result", str(result), "--trace-dir", str(trace_dir),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--gpus", str(args.gpus)]
-    if not args.profile:
-        cmd.append("--no-profile")
-    if args.cpu_smoke:
-        cmd.append("--cpu-smoke")
+def _worker_cmd(args, link: str, result: Path, trace_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(__file__).resolve()), "--worker", "--link", link, "--result", str(result),
+           "--trace-dir", str(trace_dir), "--rounds", str(args.rounds), "--steps",
+           str(args.steps), "--variants", ",".join(args.variants), "--dispatchers",
+           ",".join(args.dispatchers)]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += [] if args.profile else ["--no-profile"]
     for item in args.set:
         cmd += ["--set", item]
     return cmd
 
 
-def run_variant(args, key: str, workdir: Path) -> dict:
-    result = workdir / f"{key}.json"
-    trace_dir = workdir / f"traces_{key}"
-    cmd = _worker_cmd(args, key, result, trace_dir)
+def run_link(args, link: str, workdir: Path) -> dict:
+    result = workdir / f"{link}.json"
+    cmd = _worker_cmd(args, link, result, workdir)
     start = time.time()
-    env = dict(os.environ, PYTHONWARNINGS="ignore", NCCL_NVLS_ENABLE="0")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NCCL_NVLS_ENABLE="0", **LINKS[link])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
                               env=env, cwd=ROOT, check=False)
         log, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as err:
         log, rc = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {args.timeout_s} s", -1
-    (workdir / f"{key}.log").write_text(log if isinstance(log, str) else log.decode())
-    out = {"variant": key, "wall_s": round(time.time() - start, 1), "rc": rc}
+    (workdir / f"{link}.log").write_text(log if isinstance(log, str) else log.decode())
+    out = {"link": link, "wall_s": round(time.time() - start, 1), "rc": rc}
     if rc == 0 and result.exists():
         out.update(json.loads(result.read_text()))
-        if args.profile:
-            out["trace"] = analyze_traces(trace_dir, key)
     else:
         out["error"] = error_summary(str(log), rc)
     return out
@@ -234,27 +270,29 @@ def error_summary(log: str, rc: int) -> str:
     return (root[0] if root else " | ".join(lines[-3:]) or f"exit {rc}")[-300:]
 
 
-def analyze_traces(trace_dir: Path, key: str) -> dict:
-    """All-to-all time and overlapped fraction of the profiled step, summed over ranks."""
-    from megatron_dualpipe.schedules.overlap import FB_ANNOTATION
-    from megatron_dualpipe.trace_analysis import analyze
+def deepep_available() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except Exception:
+        return False
+    return True
 
-    total = {"a2a_ms": 0.0, "a2a_overlapped_ms": 0.0, "fb_a2a_ms": 0.0,
-             "fb_a2a_overlapped_ms": 0.0, "ranks": 0}
-    for path in sorted((trace_dir / "traces").glob("rank*.json")):  # StepProfiler's layout
-        report = analyze(path, window=FB_ANNOTATION if key == "d" else None)
-        a2a = report["comm"]["alltoall"]
-        total["a2a_ms"] += a2a["time_us"] / 1e3
-        total["a2a_overlapped_ms"] += a2a["overlapped_us"] / 1e3
-        if "window" in report:
-            w = report["window"]["alltoall"]
-            total["fb_a2a_ms"] += w["time_us"] / 1e3
-            total["fb_a2a_overlapped_ms"] += w["overlapped_us"] / 1e3
-        total["ranks"] += 1
-    for prefix in ("a2a", "fb_a2a"):
-        t = total[f"{prefix}_ms"]
-        total[f"{prefix}_fraction"] = total[f"{prefix}_overlapped_ms"] / t if t else None
-    return total
+
+def dry_run(args) -> int:
+    print(f"overlap_bench plan: links {args.links}, dispatchers {args.dispatchers}, "
+          f"{args.rounds} rounds x {args.steps} steps per variant (+1 warm-up round)")
+    for disp in args.dispatchers:
+        for key in args.variants:
+            name, desc, schedule, overlap_fb, ep_overlap = VARIANTS[key]
+            r = variant_recipe(args, key, disp)
+            print(f"  {disp}/({key}) {name}: {desc}; schedule={schedule} overlap_fb={overlap_fb}"
+                  f" overlap_moe_expert_parallel_comm={ep_overlap}; layers={r.model.num_layers}"
+                  f" hidden={r.model.hidden_size} experts={r.moe.num_experts} top{r.moe.topk}"
+                  f" tokens/rank/micro-batch={r.model.seq_length * r.train.micro_batch_size}")
+    for link in args.links:
+        print(f"  {link}: env {LINKS[link]}; " + shlex.join(
+            _worker_cmd(args, link, Path("RESULT.json"), Path("WORKDIR"))))
+    return 0
 
 
 # =============================================================================================
@@ -266,123 +304,112 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def render(results: dict, machine: dict, command: str, args) -> str:
-    title = ("## Overlapped F&B chunks: Megatron-Core 1F1B / combined 1F1B vs DualPipeV "
-             "(`benchmarks/overlap_bench.py`)")
-    where = (f"Machine: {machine.get('gpu', '?')} x {args.gpus}, torch {machine.get('torch')}, "
-             f"CUDA {machine.get('cuda')}, megatron-core {machine.get('megatron_core')}, "
-             f"Transformer Engine {machine.get('transformer_engine')}. Command: `{command}`.")
-    extra = f" `{' '.join(args.set)}`" if args.set else ""
-    proxy = (f"Proxy: `{RECIPE}` with `{' '.join(PROXY_SET)}`{extra}; {args.warmup} warm-up + "
-             f"{args.steps} timed steps (median of the slower rank), then 1 profiled step "
-             "(all-to-all columns: per rank, from its Chrome trace).")
-    header = ("| variant | schedule | step time (s) | tokens/s/GPU | peak memory (GB) | "
-              "all-to-all per step (ms) | overlapped (whole step) | overlapped (fused F&B) |")
-    lines = [title, "", where, "", proxy, "", header, "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for key, r in results.items():
-        name, desc = VARIANTS[key][0], VARIANTS[key][1]
-        if "error" in r:
-            lines.append(f"| ({key}) {name} | {desc} | failed: {r['error'].replace('|', '/')} "
-                         "| | | | | |")
+def render(runs: dict, args, command: str) -> str:
+    from benchmarks.eplb_train_bench import machine  # one machine line for the benchmarks
+
+    lines = ["## Expert all-to-all hidden behind compute, 2 GPUs (`benchmarks/overlap_bench.py`)",
+             "", f"Machine: {machine('cpu' if args.tiny else 'cuda')}. Command: `{command}`.", "",
+             (f"Shapes: `{' '.join(TINY_SET if args.tiny else V3_SET)}"
+              f"{' ' + ' '.join(args.set) if args.set else ''}` on `"
+              f"{TINY_RECIPE if args.tiny else RECIPE}`, PP=1 x EP=2 (DP=2); {args.rounds} "
+              f"interleaved rounds x {args.steps} steps per variant after a warm-up round "
+              "(median step of the slower rank), then 1 profiled step per variant (all-to-all "
+              "ms per rank and the share covered by compute, from its Chrome traces). Slow link: "
+              f"NCCL_P2P_DISABLE=1; DeepEP capped to {SLOW_DEEPEP_SMS} SMs."), "",
+             ("| link | dispatcher | variant | step s | tokens/s/GPU | all-to-all ms | hidden "
+              "(step) | hidden (fused F&B) |"), "|---|---|---|---:|---:|---:|---:|---:|"]
+    for link, run in runs.items():
+        if "error" in run:
+            lines.append(f"| {link} | failed: {run['error'].replace('|', '/')} | | | | | | |")
             continue
-        t = r.get("trace") or {}
-        ranks = t.get("ranks") or 1
-        a2a = f"{t['a2a_ms'] / ranks:.1f}" if t else "-"
-        lines.append(
-            f"| ({key}) {name} | {desc}: {r.get('layout', '?')} | {r['median_step_s']:.3f} | "
-            f"{r['tokens_per_s_per_gpu']:,.0f} | {r['peak_memory_gb']:.1f} | {a2a} | "
-            f"{_pct(t.get('a2a_fraction'))} | "
-            f"{_pct(t.get('fb_a2a_fraction')) if key == 'd' else '-'} |")
-    lines += ["", *targets(results), ""]
+        for r in run["results"].values():
+            t = r.get("trace") or {}
+            a2a = f"{t['a2a_ms'] / t['ranks']:.1f}" if t.get("ranks") else "-"
+            name = VARIANTS[r["variant"]][0]
+            lines.append(f"| {link} | {r['dispatcher']} | ({r['variant']}) {name} | "
+                         f"{r['median_step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {a2a} | "
+                         f"{_pct(t.get('a2a_hidden'))} | "
+                         f"{_pct(t.get('fb_a2a_hidden')) if r['variant'] == 'd' else '-'} |")
+    lines += ["", "Targets:", "", *targets(runs), ""]
     return "\n".join(lines) + "\n"
 
 
-def targets(results: dict) -> list[str]:
-    out = []
-    d = results.get("d", {})
-    frac = (d.get("trace") or {}).get("fb_a2a_fraction")
-    if frac is not None:
-        met = "met" if frac >= TARGET_OVERLAP else "NOT met"
-        out.append(f"- all-to-all overlapped inside fused F&B chunks >= "
-                   f"{100 * TARGET_OVERLAP:.0f}%: {_pct(frac)} ({met})")
-    for other in ("a", "c"):
-        o = results.get(other, {})
-        if "median_step_s" in d and "median_step_s" in o:
-            speed = o["median_step_s"] / d["median_step_s"]
-            met = "met" if speed > 1 else "NOT met"
-            out.append(f"- (d) faster than ({other}): {speed:.2f}x ({met})")
+def targets(runs: dict) -> list[str]:
+    """Issue 21's targets with the measured values: (d) hides >= 80% of the all-to-all, (d) is
+    faster than (a), (b) and (c), both more so on the slowed link."""
+    out, gains = [], {}
+    for link, run in runs.items():
+        res = run.get("results", {})
+        for disp in DISPATCHERS:
+            d = res.get(f"{disp}/d")
+            if not d:
+                continue
+            hidden = (d.get("trace") or {}).get("fb_a2a_hidden")
+            if hidden is not None:
+                ok = "met" if hidden >= TARGET_HIDDEN else "NOT met"
+                out.append(f"- {link}/{disp}: (d) hides {_pct(hidden)} of its all-to-all in the "
+                           f"fused chunks, >= {_pct(TARGET_HIDDEN)} ({ok})")
+            speed = {o: res[f"{disp}/{o}"]["median_step_s"] / d["median_step_s"]
+                     for o in "abc" if f"{disp}/{o}" in res}
+            if speed:
+                ok = "met" if min(speed.values()) > 1 else "NOT met"
+                out.append(f"- {link}/{disp}: (d) vs " + ", ".join(
+                    f"({o}) {s:.2f}x" for o, s in speed.items()) + f" ({ok})")
+                gains[(link, disp)] = (min(speed.values()), hidden)
+    for disp in DISPATCHERS:
+        fast, slow = gains.get(("nvlink", disp)), gains.get(("slow", disp))
+        if fast and slow:
+            ok = "met" if slow[0] > fast[0] and (slow[1] or 0) > (fast[1] or 0) else "NOT met"
+            out.append(f"- {disp}: slowed link gives a larger speed-up ({fast[0]:.2f}x -> "
+                       f"{slow[0]:.2f}x) and hidden share ({_pct(fast[1])} -> {_pct(slow[1])})"
+                       f" ({ok})")
     return out
 
 
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    for dist_name, key in (("megatron-core", "megatron_core"),
-                           ("transformer-engine", "transformer_engine")):
-        try:
-            info[key] = md.version(dist_name)
-        except md.PackageNotFoundError:
-            info[key] = None
-    return info
-
-
-def dry_run(args) -> int:
-    print(f"overlap_bench plan: {args.gpus} processes per variant (torchrun), recipe {RECIPE}")
-    for key in args.variants:
-        name, desc, _, config = VARIANTS[key]
-        recipe = load(args, variant_overrides(args, key))
-        p = recipe.parallel
-        print(f"  ({key}) {name}: {desc}")
-        print(f"      overrides: {' '.join(variant_overrides(args, key))}")
-        print(f"      schedule={p.schedule} pp={p.pp} ep={p.ep} overlap_fb={p.overlap_fb} "
-              f"layers={recipe.model.num_layers} experts={recipe.moe.num_experts} "
-              f"seq={recipe.model.seq_length} global_batch={recipe.train.global_batch_size}"
-              + (f" config: {config}" if config else ""))
-        print("      " + shlex.join(_worker_cmd(args, key, Path("RESULT.json"),
-                                                 Path("TRACES"))))
-    print(f"  steps: {args.warmup} warm-up + {args.steps} timed"
-          + (" + 1 profiled" if args.profile else ""))
-    return 0
+def _list(value: str, allowed, flag: str, parser) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        parser.error(f"{flag}: unknown {bad}; allowed: {', '.join(allowed)}")
+    return items
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
-    p.add_argument("--gpus", type=int, choices=sorted(LAYOUTS), default=2,
-                   help="GPUs (processes) per variant; layouts in the module docstring")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dispatchers", default=None,
+                   help="alltoall,deepep (default: both on GPU when deep_ep imports; --tiny: "
+                   "alltoall)")
+    p.add_argument("--links", default="nvlink,slow", help="comma-separated subset of "
+                   + ",".join(LINKS))
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (after 1 warm-up round)")
+    p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the profiled step (no all-to-all overlap columns)")
+                   help="skip the profiled steps (no all-to-all columns)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every variant (repeatable)")
-    p.add_argument("--timeout-s", type=int, default=150, help="per variant")
+    p.add_argument("--timeout-s", type=int, default=280, help="per link mode")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--workdir", default=None, help="keep logs and traces here")
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="do not update docs/benchmarks.md")
     p.add_argument("--dry-run", action="store_true", help="print the plan (no CUDA needed)")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="run the harness on CPU (gloo) with the tiny recipe: checks the "
-                   "plumbing, numbers meaningless (implies --no-write)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help="CPU/gloo, tiny model: checks the "
+                   "plumbing, numbers meaningless (implies --no-write, --links nvlink)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--link", default="nvlink", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--trace-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.cpu_smoke:
-        args.write = False
-        args.gpus = 2
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.tiny:
+        args.write, args.links = False, "nvlink"
+        args.dispatchers = args.dispatchers or "alltoall"
+    if args.dispatchers is None:
+        args.dispatchers = "alltoall,deepep" if deepep_available() else "alltoall"
+    args.variants = _list(args.variants, VARIANTS, "--variants", p)
+    args.dispatchers = _list(args.dispatchers, DISPATCHERS, "--dispatchers", p)
+    args.links = _list(args.links, LINKS, "--links", p)
     return args
 
 
@@ -394,37 +421,29 @@ def main(argv=None) -> int:
         return dry_run(args)
     import torch
 
-    if not args.cpu_smoke and (not torch.cuda.is_available()
-                               or torch.cuda.device_count() < args.gpus):
-        print(f"overlap_bench --gpus {args.gpus} needs {args.gpus} CUDA GPUs "
-              "(use --dry-run for the plan)", file=sys.stderr)
+    if not args.tiny and torch.cuda.device_count() < 2:
+        print("overlap_bench needs 2 CUDA GPUs (use --tiny on CPU, --dry-run for the plan)",
+              file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="overlap_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for key in args.variants:
-        print(f"[overlap_bench] ({key}) {VARIANTS[key][0]} ...", flush=True)
-        results[key] = run_variant(args, key, workdir)
-        r = results[key]
-        if "error" in r:
-            print(f"  failed after {r['wall_s']} s: {r['error']} (log: {workdir}/{key}.log)",
-                  flush=True)
-        else:
-            t = r.get("trace") or {}
-            print(f"  {r['median_step_s']:.3f} s/step, {r['tokens_per_s_per_gpu']:,.0f} "
-                  f"tok/s/GPU, peak {r['peak_memory_gb']:.1f} GB, all-to-all overlapped "
-                  f"{_pct(t.get('a2a_fraction'))} (fused F&B {_pct(t.get('fb_a2a_fraction'))})"
-                  f"; {r['wall_s']} s", flush=True)
+    runs = {}
+    for link in args.links:
+        print(f"[overlap_bench] link {link}: {len(args.variants) * len(args.dispatchers)} "
+              "variants interleaved ...", flush=True)
+        runs[link] = run_link(args, link, workdir)
+        if "error" in runs[link]:
+            print(f"  failed after {runs[link]['wall_s']} s: {runs[link]['error']} (log: "
+                  f"{workdir}/{link}.log)", flush=True)
     command = "python benchmarks/overlap_bench.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
-    section = render(results, machine_info(), command.strip(), args)
+    section = render(runs, args, command.strip())
     print(section)
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "machine": machine_info()},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps(runs, indent=1))
     if args.write:
         write_section(ROOT / "docs" / "benchmarks.md", section, MARK_START, MARK_END)
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return 0 if all("error" not in r for r in runs.values()) else 1
 
 
 if __name__ == "__main__":

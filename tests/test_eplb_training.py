@@ -355,3 +355,7 @@ def test_eplb_recipe_balancedness_improves_after_the_first_replan(tmp_path):
     assert len(history[0]["eplb_balancedness_per_layer"]) == 3  # MoE layers 2-4 of both stages
     assert history[2]["eplb_replanned"] > 0 and history[2]["eplb_move_bytes_max_rank"] > 0
     assert min(bal[3:]) > max(bal[:3]) + 0.2
+    # the pay-off estimate of the interval (eplb/payoff.py): plan + move spread over 3 steps
+    moved = history[2]
+    assert moved["eplb_payoff_cost_ms"] >= (moved["eplb_move_ms"] + moved["eplb_plan_ms"]) / 3
+    assert "eplb_payoff_saved_ms" in moved and "eplb_payoff_cost_ms" not in history[1]

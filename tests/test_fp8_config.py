@@ -253,8 +253,8 @@ def test_bf16_layers_and_format_map_onto_megatron():
 
 
 def test_router_padding_only_where_megatron_supports_it():
-    assert transformer_config_kwargs(proxy("moe.token_dispatcher=flex"), CUDA)[
-        "moe_router_padding_for_quantization"]
+    deepep = proxy("moe.token_dispatcher=deepep", "parallel.ep=2", "parallel.nproc_per_node=2")
+    assert transformer_config_kwargs(deepep, CUDA)["moe_router_padding_for_quantization"]
     assert not transformer_config_kwargs(proxy("moe.token_dispatcher=allgather"), CUDA)[
         "moe_router_padding_for_quantization"]
     assert not transformer_config_kwargs(proxy("model.num_dense_layers=4"), CUDA)[

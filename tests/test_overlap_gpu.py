@@ -7,7 +7,9 @@ One process per GPU (spawned, NCCL), Transformer Engine layer specs, FP32, a sma
 steps, once with `overlap=False` and once with `overlap=True` (every F, B and F&B through
 Megatron-Core's schedule plans, dispatch/combine on the communication stream). Cases on 2 GPUs:
 DualPipeV PP=2 x EP=1 (P2P inside the fused chunks) and PP=1 x EP=2 (both stages of the V on
-each GPU, expert all-to-alls inside the fused chunks); with 4 GPUs also PP=2 x EP=2.
+each GPU, expert all-to-alls inside the fused chunks; issue 21's (c) vs (d)), the latter also
+with DeepEP (`moe.token_dispatcher=deepep`, BF16; skipped when deep_ep does not import); with 4
+GPUs also PP=2 x EP=2.
 On GPU the two paths are not bit-identical (different kernel interleaving, atomics in the MoE
 permutation), so: forward-only and first-step micro-batch losses and first-step gradients
 within 1e-5 relative, later step losses within 1e-4 relative. (benchmarks/overlap_bench.py
@@ -28,8 +30,23 @@ GPU_SET = ["train.device=cuda", "model.hidden_size=256", "model.ffn_hidden_size=
            "model.num_attention_heads=8", "model.seq_length=256", "moe.ffn_hidden_size=128",
            "moe.shared_expert_ffn_hidden_size=128"]
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-CASES = [("dualpipev", 2, 1), ("dualpipev", 1, 2)] + (
-    [("dualpipev", 2, 2)] if NUM_GPUS >= 4 else [])
+# (schedule, pp, ep, dispatcher): dispatcher "deepep" is Megatron's flex dispatcher on DeepEP's
+# intranode kernels (benchmarks/deepep/build_on_gpu.sh), in BF16 (DeepEP's combine reduces in
+# BF16); the others are FP32 with the NCCL all-to-all.
+CASES = [("dualpipev", 2, 1, "alltoall"), ("dualpipev", 1, 2, "alltoall"),
+         ("dualpipev", 1, 2, "deepep")] + (
+    [("dualpipev", 2, 2, "alltoall")] if NUM_GPUS >= 4 else [])
+# Relative tolerances (first-step losses and gradients, later losses): BF16 parameters turn
+# round-off in the gradient accumulation order into visible differences after an Adam step.
+TOLERANCE = {"fp32": (1e-5, 1e-5, 1e-4), "bf16": (1e-5, 1e-3, 5e-3)}
+
+
+def _deep_ep_importable() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,17 +66,24 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("schedule,pp,ep", CASES)
-def test_overlap_matches_sequential_on_gpu(schedule, pp, ep):
-    off = _run(schedule, pp, ep, False)
-    on = _run(schedule, pp, ep, True)
+@pytest.mark.parametrize("schedule,pp,ep,dispatcher", CASES)
+def test_overlap_matches_sequential_on_gpu(schedule, pp, ep, dispatcher):
+    """(c) DualPipeV with F&B chunks one after the other vs (d) fused: equal losses."""
+    extra, dtype = [], "fp32"
+    if dispatcher == "deepep":
+        if not _deep_ep_importable():
+            pytest.skip("deep_ep is not importable (benchmarks/deepep/build_on_gpu.sh builds it)")
+        extra, dtype = ["moe.token_dispatcher=deepep", "model.dtype=bf16"], "bf16"
+    first_tol, grad_tol, later_tol = TOLERANCE[dtype]
+    off = _run(schedule, pp, ep, False, extra)
+    on = _run(schedule, pp, ep, True, extra)
     assert all(r["num_fused"] > 0 for r in on)
     for a, b in zip(on, off):
         for call in (0, 1):  # forward-only, first training step: same weights
             pairs = zip(a["steps"][call]["microbatch_losses"],
                         b["steps"][call]["microbatch_losses"])
             for (ka, la), (kb, lb) in pairs:
-                assert ka == kb and _rel(la, lb) <= 1e-5, (call, ka, la, lb)
+                assert ka == kb and _rel(la, lb) <= first_tol, (call, ka, la, lb)
         worst = 0.0
         for name, gb in b["grads"].items():
             ga = a["grads"][name]
@@ -67,9 +91,9 @@ def test_overlap_matches_sequential_on_gpu(schedule, pp, ep):
             worst = max(worst, float((ga - gb).norm()) / denom)
         print(f"rank {a['rank']}: first-step gradients relative difference {worst:.2e}; "
               f"losses on {[s['loss'] for s in a['steps']]} off {[s['loss'] for s in b['steps']]}")
-        assert worst <= 1e-5, worst
+        assert worst <= grad_tol, worst
         for sa, sb in zip(a["steps"][1:], b["steps"][1:]):
-            assert math.isfinite(sa["loss"]) and _rel(sa["loss"], sb["loss"]) <= 1e-4
+            assert math.isfinite(sa["loss"]) and _rel(sa["loss"], sb["loss"]) <= later_tol
 
 
 def test_te_weight_grad_split_matches_the_whole_backward_on_gpu():

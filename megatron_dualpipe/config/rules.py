@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config import validate_training as T
+from megatron_dualpipe.config.dispatcher import check_dispatcher, check_dispatcher_installed
 from megatron_dualpipe.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ RECIPE_RULES: list[Rule] = [
     Rule(V.check_parallel),
     Rule(V.check_stage_split),
     Rule(V.check_moe),
+    Rule(check_dispatcher),
     Rule(V.check_batch),
     Rule(V.check_eplb),
     Rule(V.check_fp8),
@@ -58,6 +60,7 @@ TRAIN_RULES: list[Rule] = [
     Rule(T.check_moment_dtype),
     Rule(T.check_recompute),
     Rule(T.check_batch_ramp),
+    Rule(check_dispatcher_installed),
 ]
 
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]

@@ -91,7 +91,11 @@ class MoEConfig(Section):
     expert_bias: bool = Field(True, description="aux-loss-free load-balancing bias")
     bias_update_rate: float = Field(1e-3, ge=0)
     seq_aux_loss_coeff: float = Field(0.0, ge=0)
-    token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    token_dispatcher: Literal["alltoall", "allgather", "deepep"] = Field(
+        "alltoall",
+        description="alltoall (NCCL), allgather, or deepep (Megatron's flex dispatcher with "
+        "DeepEP's kernels; BF16, GPUs, EP group of 2/4/8 on one node; config/dispatcher.py)",
+    )
     grouped_gemm: bool = False
     capacity_factor: Optional[float] = Field(
         None, gt=0,

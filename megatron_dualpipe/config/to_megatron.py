@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from megatron_dualpipe.config.dispatcher import dispatcher_kwargs
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.validate import num_physical_experts
 from megatron_dualpipe.errors import UserError
@@ -73,7 +74,7 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         moe_router_bias_update_rate=moe.bias_update_rate,
         moe_router_load_balancing_type="seq_aux_loss" if moe.seq_aux_loss_coeff else "none",
         moe_aux_loss_coeff=moe.seq_aux_loss_coeff,
-        moe_token_dispatcher_type=moe.token_dispatcher,
+        **dispatcher_kwargs(recipe),
         moe_grouped_gemm=moe.grouped_gemm and on_gpu,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
@@ -195,7 +196,7 @@ def _fp8_kwargs(recipe: Recipe, kw: dict[str, Any], num_moe_layers: int) -> dict
         "num_layers_at_end_in_bf16": f.bf16_layers_at_end,
         # Pad each expert's routed token count to TE's FP8 alignment (16; 32 for MXFP8) in the
         # router, so the FP8 grouped GEMM needs no padding copy. Megatron allows it for the
-        # alltoall/flex dispatchers; with allgather the experts pad their input themselves.
+        # alltoall/flex (deepep) dispatchers; with allgather the experts pad their input.
         # (The non-deprecated name of moe_router_padding_for_fp8.)
         "moe_router_padding_for_quantization": bool(num_moe_layers)
         and moe.token_dispatcher != "allgather",

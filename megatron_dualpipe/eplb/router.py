@@ -26,6 +26,9 @@ class EPLBRouter(TopKRouter):
 
     num_logical: int = 0
     bias_init: float = 0.0
+    # [num_logical] logit offsets that replace the ``bias_init`` ramp when set (routing
+    # scenarios of the benchmarks, benchmarks/eplb_scenarios.py); None: the ramp.
+    logit_offset: torch.Tensor | None = None
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
         if not self.num_logical:
@@ -76,8 +79,10 @@ class EPLBRouter(TopKRouter):
     # -- forward --------------------------------------------------------------------------
     def gating(self, input: torch.Tensor):
         """Megatron's gate; plus ``e * moe.router_bias_init`` on expert ``e``'s logit (a fixed
-        skew for tests and benchmarks; zero by default)."""
+        skew for tests and benchmarks; zero by default), or ``logit_offset`` when set."""
         logits = super().gating(input)
+        if self.logit_offset is not None:
+            return logits + self.logit_offset.to(logits.device, logits.dtype)
         if self.bias_init:
             skew = torch.arange(self.num_logical, device=logits.device, dtype=torch.float32)
             logits = logits + (skew * self.bias_init).to(logits.dtype)

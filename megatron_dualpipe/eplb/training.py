@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe.eplb.load_tracker import LoadWindow, balance_stats, step_counts
+from megatron_dualpipe.eplb.payoff import PayoffTracker, plain_balancedness, routed_expert_share
 from megatron_dualpipe.eplb.rebalance import MoveStats, RebalanceError, move_experts, plan
 from megatron_dualpipe.eplb.replicas import (
     OptimizerAccess,
@@ -102,6 +103,8 @@ class EPLBHook(TrainHook):
         self.last_move: MoveStats | None = None
         self.last_plan = None
         self.last_plan_seconds = 0.0
+        self.payoff = PayoffTracker(routed_expert_share(recipe))
+        self.paid = True  # the last verdict (the hint is logged when it turns to "does not pay")
 
     # -- TrainHook ------------------------------------------------------------------------
     def on_build(self, state) -> None:
@@ -127,15 +130,31 @@ class EPLBHook(TrainHook):
             self.window.update(experts)
         ep = self.recipe.parallel.ep
         bal, over = balance_stats(slots, ep) if self.layers else (torch.zeros(0),) * 2
-        per_layer_bal, per_layer_over = self._gather_per_layer(bal, over)
+        plain = plain_balancedness(experts, ep) if self.layers else torch.zeros(0)
+        per_layer_bal, per_layer_over, per_layer_plain = self._gather_per_layer(bal, over, plain)
         record["eplb_balancedness"] = sum(per_layer_bal) / max(1, len(per_layer_bal))
         record["eplb_balancedness_per_layer"] = per_layer_bal
         record["eplb_max_over_mean"] = max(per_layer_over, default=1.0)
         record["eplb_replanned"] = 0
+        if per_layer_bal:
+            self.payoff.add_step(sum(per_layer_plain) / len(per_layer_plain),
+                                 record["eplb_balancedness"], record["step_time_s"])
         if (record["step"] + 1) % self.recipe.eplb.interval == 0:
             stats = self.rebalance(state)
             if stats is not None:
                 record.update(self.move_record(stats))
+                self._check_payoff(record)
+
+    def _check_payoff(self, record: dict) -> None:
+        """Does EPLB pay over the last interval (eplb/payoff.py)? Logs a hint when it stops."""
+        verdict = self.payoff.check((record["eplb_move_ms"] + record["eplb_plan_ms"]) / 1e3)
+        if verdict is None:
+            return
+        record["eplb_payoff_saved_ms"] = verdict.saved_ms
+        record["eplb_payoff_cost_ms"] = verdict.cost_ms
+        if not verdict.pays and self.paid and dist.get_rank() == 0:
+            print(verdict.hint(), file=sys.stderr, flush=True)
+        self.paid = verdict.pays
 
     # -- checkpoint: routed experts in logical layout + placement (eplb/ckpt.py) -----------
     def checkpoint_state_dict(self, state, sharded: dict) -> dict:
@@ -213,15 +232,17 @@ class EPLBHook(TrainHook):
 
         config.finalize_model_grads_func = finalize_with_replicas
 
-    def _gather_per_layer(self, bal, over) -> tuple[list[float], list[float]]:
-        """Per-layer values of every pipeline stage, in layer order, on every rank."""
-        buf = torch.zeros(3, self.num_ids, dtype=torch.float64)
-        for layer, b, o in zip(self.layers, bal.tolist(), over.tolist()):
-            buf[:, layer.layer_id] += torch.tensor([b, o, 1.0], dtype=torch.float64)
+    def _gather_per_layer(self, *per_layer: torch.Tensor) -> tuple[list[float], ...]:
+        """Per-layer values (one ``[local layers]`` tensor each) of every pipeline stage, in
+        layer order, on every rank."""
+        n = len(per_layer)
+        buf = torch.zeros(n + 1, self.num_ids, dtype=torch.float64)
+        for layer, *values in zip(self.layers, *(v.tolist() for v in per_layer)):
+            buf[:, layer.layer_id] += torch.tensor([*values, 1.0], dtype=torch.float64)
         buf = _all_reduce_cpu(buf)
-        present = buf[2] > 0
-        values = buf[:2, present] / buf[2, present]
-        return values[0].tolist(), values[1].tolist()
+        present = buf[n] > 0
+        values = buf[:n, present] / buf[n, present]
+        return tuple(row.tolist() for row in values)
 
     def move_record(self, stats: MoveStats) -> dict:
         changed = torch.zeros(self.num_ids + 3, dtype=torch.float64)

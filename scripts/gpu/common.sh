@@ -7,6 +7,8 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 # Never let NCCL/PyTorch/NVSHMEM use NVLink multicast on the lent machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# DeepEP built by benchmarks/deepep/build_on_gpu.sh (intranode kernels), when present.
+[ -d .deepep/site ] && export PYTHONPATH="$PWD/.deepep/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 T0=$(date +%s)
 status=0
