@@ -20,7 +20,7 @@ def format_prediction(p: dict) -> str:
     cal = p["calibration"]
     lines = [
         f"prediction on {p['world_size']} x {p['hardware']} (calibration {cal['source']}, "
-        f"measured on {cal['hardware']}: {cal['path']}):",
+        f"for {cal['hardware']}: {cal['path']}):",
         f"  step {p['step_time_s']:.3f} s ({p['num_microbatches']} micro-batches, "
         f"{p['tokens_per_step']:,} tokens), {p['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, "
         f"MFU {p['mfu']:.1%} ({p['model_tflops_per_gpu']:.0f} TFLOP/s of BF16 peak)",
