@@ -198,7 +198,7 @@ def test_hardware_files_name_a_source_for_every_number():
 
 def test_default_calibration_is_labelled():
     cal = load_calibration()
-    assert cal.source == "analytic placeholder" and cal.hardware == "h200"
+    assert cal.source == "measured layer time, analytic split" and cal.hardware == "h200"
 
 
 def test_bad_hardware_and_calibration_are_user_errors(tmp_path):
