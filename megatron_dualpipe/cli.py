@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OPTIONAL = {
+    "data": ("megatron_dualpipe.data.prepare",
+             "prepare training data: text/JSONL -> Megatron .bin/.idx (data prepare)"),
     "simulate": ("megatron_dualpipe.schedules.simulate_cli", "simulate a pipeline schedule"),
     "eplb": ("megatron_dualpipe.eplb.cli", "expert-parallel load balancing tools"),
     "plan": ("megatron_dualpipe.plan", "dry-run a recipe: layout, parameters, memory"),

@@ -20,6 +20,8 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.path = Path(log_dir) / "metrics.jsonl"
         self._tb = None
+        self._logged = 0  # records logged by this process (its first step is the warm-up)
+        self._timed = [0.0, 0.0]  # tokens and seconds of the steps after the first
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,18 +56,42 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, record["step"])
-        print(format_progress(record, self.total_steps), flush=True)
+        self._logged += 1
+        if self._logged > 1:
+            self._timed[0] += record["tokens_per_s"] * record["step_time_s"]
+            self._timed[1] += record["step_time_s"]
+        print(format_progress(record, self.total_steps, *self._throughput(record)), flush=True)
+
+    def _throughput(self, record: dict) -> tuple[float | None, float | None]:
+        """Mean tokens/s and the estimated seconds left, from the steps after the first."""
+        tokens, seconds = self._timed
+        if not seconds:
+            return None, None
+        per_step = seconds / (self._logged - 1)
+        return tokens / seconds, per_step * (self.total_steps - record["step"] - 1)
 
 
-def format_progress(record: dict, total_steps: int) -> str:
-    parts = [
-        f"step {record['step'] + 1:>4}/{total_steps}",
-        f"loss {record['loss']:.4f}",
+def format_progress(record: dict, total_steps: int, tokens_per_s: float | None = None,
+                    eta_s: float | None = None) -> str:
+    """One console line; `tokens_per_s` and `eta_s` are averages that leave out the first
+    (compiling, allocating) step, which shows as "warm-up"."""
+    parts = [f"step {record['step'] + 1:>4}/{total_steps}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+    parts += [
         f"lr {record['lr']:.2e}",
         f"grad_norm {record['grad_norm']:.3f}",
-        f"{record['tokens_per_s']:,.0f} tok/s",
+        f"{tokens_per_s:,.0f} tok/s" if tokens_per_s is not None else "warm-up",
         f"{record['step_time_s']:.2f} s",
     ]
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
     if "eplb_balancedness" in record:
         parts.append(f"eplb {record['eplb_balancedness']:.3f}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -13,8 +13,9 @@ import torch.distributed as dist
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
-from megatron_dualpipe.data import make_source
+from megatron_dualpipe.data import make_sources
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
+from megatron_dualpipe.evaluate import evaluate, evaluation_due
 from megatron_dualpipe.features import extensions
 from megatron_dualpipe.lr_scheduler import build_scheduler
 from megatron_dualpipe.metrics import MetricsLogger
@@ -144,11 +145,7 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    num_chunks = len(state.model)
-    data_iterator = (
-        [source.iterator(step) for _ in range(num_chunks)] if num_chunks > 1
-        else source.iterator(step)
-    )
+    data_iterator = source.iterators(step, len(state.model))
     start = time.perf_counter()
     store = fb(
         forward_step_func=forward_step_func,
@@ -221,7 +218,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
 
     state = setup(recipe)
     rank = dist.get_rank()
-    source = make_source(recipe, _dp_rank(), state.device)
+    source, valid_source = make_sources(recipe, _dp_rank(), state.device)
     if recipe.train.ckpt_dir and recipe.train.resume:
         state.step = checkpoint.load(state, recipe.train.ckpt_dir)
     logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
@@ -248,9 +245,11 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
         with profiler.step(state.step):
             record = train_step(state, source, state.step)
         record.pop("microbatch_losses")
+        state.step += 1
+        if evaluation_due(recipe.train, state.step):
+            record["val_loss"] = evaluate(state, valid_source, forward_step)
         state.history.append(record)
         logger.log(record)
-        state.step += 1
         interval = recipe.train.save_interval
         if recipe.train.ckpt_dir and (
             (interval and state.step % interval == 0) or state.step == recipe.train.steps

@@ -53,6 +53,13 @@ RECIPE_RULES: list[Rule] = [
     Rule(V.check_fusions),
 ]
 
+def check_data(recipe: Recipe) -> None:
+    """Indexed data: the .bin/.idx files exist and their tokenizer fits `model.vocab_size`."""
+    from megatron_dualpipe.data.gpt_dataset import check_indexed_data  # imports config
+
+    check_indexed_data(recipe)
+
+
 # Rules only `train` enforces (`plan` reports them as warnings instead).
 TRAIN_RULES: list[Rule] = [
     Rule(refuse_unsupported),
@@ -61,6 +68,7 @@ TRAIN_RULES: list[Rule] = [
     Rule(T.check_recompute),
     Rule(T.check_batch_ramp),
     Rule(check_dispatcher_installed),
+    Rule(check_data),
 ]
 
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]

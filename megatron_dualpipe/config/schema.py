@@ -208,7 +208,15 @@ class OptimizerConfig(Section):
 
 class DataConfig(Section):
     kind: Literal["synthetic", "indexed"] = "synthetic"
-    path: Optional[str] = Field(None, description="Megatron indexed dataset prefix")
+    path: Optional[str | list[str | float]] = Field(
+        None,
+        description="indexed data: a .bin/.idx prefix (from `data prepare`), or a blend as in "
+        "Megatron's --data-path: [prefix, ...] or [weight, prefix, weight, prefix, ...]",
+    )
+    split: str = Field(
+        "969,30,1", pattern=r"^\s*\d+(\.\d+)?(\s*,\s*\d+(\.\d+)?){0,2}\s*$",
+        description='indexed data: train,validation,test weights of the documents ("969,30,1")',
+    )
     seed: int = 1234
 
 
@@ -222,6 +230,14 @@ class TrainConfig(Section):
     save_interval: int = Field(0, ge=0, description="steps between checkpoints; 0: at the end")
     resume: bool = True
     log_interval: int = Field(1, ge=1)
+    eval_interval: int = Field(
+        0, ge=0, description="steps between validation passes (and one at the end); 0: only "
+        "at the end"
+    )
+    eval_iters: int = Field(
+        0, ge=0, description="global batches per validation pass (the same ones each time); "
+        "0: no validation"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensorboard: bool = False
     deterministic: bool = True
@@ -242,6 +258,7 @@ class Recipe(Section):
     """A whole recipe. `include:` is resolved before validation (see `load.py`)."""
 
     name: str = "recipe"
+    description: str = Field("", description="one line for `python -m megatron_dualpipe recipes`")
     model: ModelConfig = Field(default_factory=ModelConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
