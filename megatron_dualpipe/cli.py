@@ -1,12 +1,12 @@
-"""`python -m megatron_dualpipe {train,simulate,plan,eplb,trace}`."""
+"""`python -m megatron_dualpipe {train,recipes,data,plot,simulate,plan,eplb,trace}`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import warnings
 
+from megatron_dualpipe.console import quiet_dependencies
 from megatron_dualpipe.errors import UserError
 
 
@@ -17,6 +17,9 @@ def _add_train(sub) -> None:
                    help="override a recipe field, e.g. --set parallel.pp=2 (repeatable)")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes to start on this machine (default: from the recipe)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved recipe (what <log_dir>/config.yaml gets) and "
+                   "exit")
     p.add_argument("--profile-steps", default=None, metavar="A:B",
                    help="write PyTorch profiler Chrome traces of steps A..B-1 to "
                    "<log_dir>/traces/rank<r>.json (analyze: python -m megatron_dualpipe trace)")
@@ -36,6 +39,11 @@ def _run_train(args) -> int:
         first, end = parse_steps(args.profile_steps)
         overrides.append(f"train.profile_steps='{first}:{end}'")
     recipe = load_recipe(args.recipe, overrides)  # schema and RECIPE_RULES
+    if args.print_config:
+        from megatron_dualpipe.config.dump import resolved_yaml
+
+        print(resolved_yaml(recipe), end="")
+        return 0
     check_recipe(recipe, args.recipe, TRAIN_RULES)  # once here, before any worker starts
     launch.adopt_slurm_env()
     if not launch.in_launched_job():
@@ -68,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OPTIONAL = {
+    "recipes": ("megatron_dualpipe.catalogue", "list the shipped recipes"),
     "data": ("megatron_dualpipe.data.prepare",
              "prepare training data: text/JSONL -> Megatron .bin/.idx (data prepare)"),
+    "plot": ("megatron_dualpipe.plot", "draw a run's loss, val_loss, tokens/s (and EPLB) to a PNG"),
     "simulate": ("megatron_dualpipe.schedules.simulate_cli", "simulate a pipeline schedule"),
     "eplb": ("megatron_dualpipe.eplb.cli", "expert-parallel load balancing tools"),
     "plan": ("megatron_dualpipe.plan", "dry-run a recipe: layout, parameters, memory"),
@@ -89,7 +99,7 @@ def _optional_subcommands(sub) -> None:
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":

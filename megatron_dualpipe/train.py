@@ -10,7 +10,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_dualpipe import console
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
+from megatron_dualpipe.config.dump import write_resolved
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
 from megatron_dualpipe.data import make_sources
@@ -216,9 +218,14 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
     """Run (or resume) training as this process's part of the job."""
     from megatron_dualpipe import checkpoint
 
+    console.collect_warnings()
+    console.say(f"{recipe.name}: building the model, optimizer and data "
+                f"({os.environ.get('WORLD_SIZE', 1)} processes)...")
+    start = time.perf_counter()
     state = setup(recipe)
     rank = dist.get_rank()
     source, valid_source = make_sources(recipe, _dp_rank(), state.device)
+    built_s = time.perf_counter() - start
     if recipe.train.ckpt_dir and recipe.train.resume:
         state.step = checkpoint.load(state, recipe.train.ckpt_dir)
     logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
@@ -235,9 +242,12 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
             f"tp={recipe.parallel.tp} pp={recipe.parallel.pp} ep={recipe.parallel.ep} "
             f"dp={data_parallel_size(recipe)}, schedule={recipe.parallel.schedule}, "
             f"{num_microbatches(recipe)} micro-batches/step{ramp}, device={state.device.type}"
-            + (f", resuming at step {state.step}" if state.step else ""),
+            + (f", resuming at step {state.step}" if state.step else "")
+            + f"; built in {built_s:.0f} s; resolved recipe: "
+            f"{write_resolved(recipe, recipe.train.log_dir)}",
             flush=True,
         )
+    console.say(f"step {state.step + 1} warms up (allocations, first calls): slower than the rest")
     last = recipe.train.steps if stop_after is None else min(recipe.train.steps, stop_after)
     # [overlap] profiler window (train.profile_steps / --profile-steps), see profiling.py
     profiler = StepProfiler(recipe.train.profile_steps, recipe.train.log_dir, rank, state.device)
@@ -249,6 +259,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
         if evaluation_due(recipe.train, state.step):
             record["val_loss"] = evaluate(state, valid_source, forward_step)
         state.history.append(record)
+        console.flush_warnings()
         logger.log(record)
         interval = recipe.train.save_interval
         if recipe.train.ckpt_dir and (
@@ -256,6 +267,8 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
         ):
             checkpoint.save(state, recipe.train.ckpt_dir)
     profiler.close()
+    console.flush_warnings()
+    console.say(console.summary(state.history, logger.path))
     return state
 
 

@@ -80,7 +80,8 @@ def _static_placement(num_layers: int, num_logical: int, num_replicas: int) -> n
     return np.tile(np.arange(num_replicas) % num_logical, (num_layers, 1))
 
 
-def _plot(path: str, before_LG: np.ndarray, after_LG: np.ndarray, before_label: str) -> None:
+def _plot(path: str, before_LG: np.ndarray, after_LG: np.ndarray, before_label: str,
+          balancedness: tuple[float, float], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,12 +90,16 @@ def _plot(path: str, before_LG: np.ndarray, after_LG: np.ndarray, before_label: 
     mean = before_LG.mean()
     gpus = np.arange(before_LG.shape[1])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * gpus.size + 2), 3.5))
-    ax.bar(gpus - 0.2, before_LG.mean(axis=0) / mean, width=0.4, label=before_label)
-    ax.bar(gpus + 0.2, after_LG.mean(axis=0) / mean, width=0.4, label="after")
+    ax.bar(gpus - 0.2, before_LG.mean(axis=0) / mean, width=0.4,
+           label=f"{before_label}: balancedness {balancedness[0]:.3f}")
+    ax.bar(gpus + 0.2, after_LG.mean(axis=0) / mean, width=0.4,
+           label=f"EPLB plan: balancedness {balancedness[1]:.3f}")
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set_xlabel("GPU")
     ax.set_ylabel("load / mean (averaged over layers)")
-    ax.legend()
+    ax.set_title(f"{title}\nbalancedness = mean / max GPU load per layer, averaged over layers",
+                 fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -141,7 +146,10 @@ def _run_plan(args: argparse.Namespace) -> int:
                    args.out)
         if args.png:
             _plot(args.png, gpu_loads(load, np.asarray(before, np.int64), args.gpus),
-                  gpu_loads(load, phy2log.numpy(), args.gpus), label)
+                  gpu_loads(load, phy2log.numpy(), args.gpus), label,
+                  (rep_before.mean_balancedness, rep_after.mean_balancedness),
+                  f"EPLB plan: {load.shape[0]} layers, {load.shape[1]} experts -> "
+                  f"{args.replicas} slots on {args.gpus} GPUs ({args.nodes} nodes), {policy}")
     except OSError as exc:
         raise CliError(f"cannot write output: {exc}") from None
     num_layers, num_logical = load.shape

@@ -1,8 +1,9 @@
 """Draw a simulated schedule as a PNG in the style of DeepSeek's DualPipe figure.
 
 One row per pipeline rank (rank 0 on top), time on the x axis, one cell per action with the
-micro-batch number inside.  Colours distinguish F / B / W and the chunk (= direction for
-DualPipe); an overlapped F&B pair is drawn as two half cells inside one black border.
+micro-batch id inside.  Colours distinguish F (forward), B (backward for the input
+gradient), W (weight gradient) and the chunk (= direction for DualPipe); an overlapped F&B
+pair is drawn as two half cells inside one black border. The legend names all of them.
 For DualPipe, direction-1 micro-batches are numbered within their direction (``mb - M/2``).
 """
 
@@ -31,6 +32,9 @@ def _matplotlib():
     from matplotlib.patches import Patch, Rectangle
 
     return plt, Patch, Rectangle
+
+
+_KIND_NAMES = {"F": "F: forward", "B": "B: backward (input grad)", "W": "W: weight grad"}
 
 
 def _colour(kind: str, chunk: int) -> str:
@@ -69,26 +73,31 @@ def draw_timeline(result: SimResult, path: str, title: str | None = None) -> Non
     ax.set_ylim(result.num_ranks - 0.5, -0.5)
     ax.set_yticks(range(result.num_ranks))
     ax.set_yticklabels([f"rank {r}" for r in range(result.num_ranks)])
-    ax.set_xlabel("time")
+    ax.set_xlabel("time  (number in a cell: its micro-batch id"
+                  + (", counted within its direction)" if result.schedule == "dualpipe" else ")"))
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     names = ("direction 0", "direction 1") if get_spec(result.schedule).bidirectional else (
         "chunk 0", "chunk 1")
     chunks = {p.chunk for tl in result.timelines for e in tl for p in e.action.parts()}
     handles = [Patch(facecolor=_colour(kind, c), edgecolor="#606060",
-                     label=f"{kind} {names[c] if c < 2 else f'chunk {c}'}")
+                     label=f"{_KIND_NAMES[kind]}, {names[c] if c < 2 else f'chunk {c}'}")
                for kind in ("F", "B", "W") for c in sorted(chunks)
                if any(p.kind == kind and p.chunk == c
                       for tl in result.timelines for e in tl for p in e.action.parts())]
-    handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.6,
-                         label="overlapped F&B"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-               fontsize=8)
+    if any(e.action.kind == "FB" for tl in result.timelines for e in tl):
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.6,
+                             label="F&B: a forward and a backward overlapped"))
+    ncol = max(1, min(len(handles), 4, int(width // 3.3)))  # about 3.3 inches per entry
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
     c = result.costs
     ax.set_title(title or (
         f"{result.schedule}: PP={result.num_ranks}, {result.num_microbatches} micro-batches "
         f"(F={c.f:g}, B={c.b:g}, W={c.w:g}, F&B={c.fb:g}); makespan {result.makespan:g}, "
         f"bubble {result.bubble:g}"))
-    fig.tight_layout(rect=(0, 0.6 / (0.55 * result.num_ranks + 1.6), 1, 1))
+    rows = -(-len(handles) // ncol)
+    height = 0.55 * result.num_ranks + 1.6 + 0.25 * rows
+    fig.set_figheight(height)
+    fig.tight_layout(rect=(0, (0.1 + 0.25 * rows) / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
