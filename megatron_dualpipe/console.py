@@ -16,6 +16,7 @@ KNOWN_NOISE = (
     (UserWarning, r"absl\.logging is not installed"),
     (UserWarning, r"full scope is deprecated"),
     (UserWarning, r"MimoModelConfig is experimental"),
+    (UserWarning, r"Could not determine rank from torch\.distributed"),
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                     r"deprecated"),
 )

@@ -18,10 +18,10 @@ VOCAB = 300
 COMMON = ["parallel.ep=1", "train.global_batch_size=16", "train.micro_batch_size=2",
           "train.eval_iters=2", "data.kind=indexed", "data.split='60,40,0'",
           f"model.vocab_size={VOCAB}", "parallel.distributed_optimizer=false"]
-# name -> overrides; world size 2 (pp=1: data-parallel 2)
+# name -> overrides, in one 2-process job (pp=1: data-parallel 2, so nproc_per_node=2)
 VARIANTS = {
-    "pp1_1f1b": ["parallel.pp=1"],
-    "pp1_dualpipev": ["parallel.pp=1", "parallel.schedule=dualpipev"],
+    "pp1_1f1b": ["parallel.pp=1", "parallel.nproc_per_node=2"],
+    "pp1_dualpipev": ["parallel.pp=1", "parallel.nproc_per_node=2", "parallel.schedule=dualpipev"],
     "1f1b": ["parallel.pp=2"],
     "interleaved": ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.vpp=2"],
     "dualpipe": ["parallel.pp=2", "parallel.schedule=dualpipe"],

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = tokenize.load_tokenizer(args.tokenizer)
         eod = tokenize.eod_id(tokenizer, args.eod_token)
     else:
+        tokenize.check_trainable(args.vocab_size)
         _check_not_empty(files, args.json_key)
         print(f"training a byte-level BPE tokenizer ({args.vocab_size} ids) on the input",
               file=sys.stderr, flush=True)

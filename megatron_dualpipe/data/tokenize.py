@@ -63,11 +63,16 @@ def eod_id(tokenizer, name: str | None = None, what: str = "--tokenizer") -> int
                     f"{', '.join(EOD_NAMES)}); name it with --eod-token")
 
 
-def train_bpe(texts: Iterable[str], size: int):
-    """A byte-level BPE with `size` ids (id 0: end-of-document) trained on `texts`."""
+def check_trainable(size: int) -> None:
+    """A byte-level BPE needs its 256 byte tokens and the end-of-document token."""
     if size < MIN_TRAINED_VOCAB:
         raise UserError(f"--vocab-size {size}: a byte-level BPE needs at least "
                         f"{MIN_TRAINED_VOCAB} ids (256 bytes + end-of-document)")
+
+
+def train_bpe(texts: Iterable[str], size: int):
+    """A byte-level BPE with `size` ids (id 0: end-of-document) trained on `texts`."""
+    check_trainable(size)
     tokenizers = _tokenizers()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

@@ -50,6 +50,14 @@ def _label(result: SimResult, part: Action) -> str:
 
 def draw_timeline(result: SimResult, path: str, title: str | None = None) -> None:
     """Write the timeline of ``result`` to the PNG file ``path``."""
+    plt, _, _ = _matplotlib()
+    fig = timeline_figure(result, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def timeline_figure(result: SimResult, title: str | None = None):
+    """The matplotlib figure of ``draw_timeline``."""
     plt, Patch, Rectangle = _matplotlib()
     width = min(40.0, max(8.0, result.makespan * 0.22))
     fig, ax = plt.subplots(figsize=(width, 0.55 * result.num_ranks + 1.6))
@@ -99,5 +107,4 @@ def draw_timeline(result: SimResult, path: str, title: str | None = None) -> Non
     height = 0.55 * result.num_ranks + 1.6 + 0.25 * rows
     fig.set_figheight(height)
     fig.tight_layout(rect=(0, (0.1 + 0.25 * rows) / height, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
