@@ -9,7 +9,8 @@
 #      machines that is a CPU wheel already on disk). It is installed first and on its own so
 #      that nothing later can pull a CUDA build of torch in as a dependency.
 #   2. numpy, packaging>=24.2, pyyaml, pydantic>=2, psutil, triton (megatron.core imports it),
-#      tqdm and ijson (`trace`: progress bar, streamed JSON).
+#      tqdm and ijson (`trace`: progress bar, streamed JSON), tokenizers (`data prepare`;
+#      none of them pulls in torch).
 #   3. megatron-core>=0.19.2,<0.20 with --no-deps --ignore-requires-python.
 #   4. this package, editable, with --no-deps.
 #   Transformer Engine is never installed here: Megatron-Core switches to TE layers whenever
@@ -26,7 +27,7 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 MEGATRON_SPEC="megatron-core>=0.19.2,<0.20"
-CPU_DEPS=(numpy "packaging>=24.2" pyyaml "pydantic>=2" psutil triton tqdm ijson)
+CPU_DEPS=(numpy "packaging>=24.2" pyyaml "pydantic>=2" psutil triton tqdm ijson tokenizers)
 TEST_DEPS=(pytest hypothesis matplotlib)
 
 with_test=0
@@ -137,7 +138,7 @@ if [[ "$mode" == gpu ]]; then
   extras="gpu"
   ((with_test)) && extras="gpu,test"
   deps=("$MEGATRON_SPEC" "torch>=2.6" pyyaml "pydantic>=2" numpy packaging psutil tqdm ijson
-        "transformer-engine>=2.6" .)
+        tokenizers "transformer-engine>=2.6" .)
   ((with_test)) && deps+=("${TEST_DEPS[@]}")
   if [[ -z "$(missing "${deps[@]}")" ]]; then
     say "ok: megatron-dualpipe[$extras] (editable) and its requirements"
