@@ -17,6 +17,8 @@ KNOWN_NOISE = (
     (UserWarning, r"full scope is deprecated"),
     (UserWarning, r"MimoModelConfig is experimental"),
     (UserWarning, r"Could not determine rank from torch\.distributed"),
+    # Megatron's optimizer zero_grad (_zero_grad_group_helper) reads .grad of non-leaf tensors
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor"),
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                     r"deprecated"),
 )
