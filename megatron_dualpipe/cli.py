@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from megatron_dualpipe.console import quiet_dependencies
+from megatron_dualpipe.console import quiet_dependencies, say
 from megatron_dualpipe.errors import UserError
 
 
@@ -54,6 +54,8 @@ def _run_train(args) -> int:
                 "torchrun or scripts/train.sbatch"
             )
         argv = ["train", args.recipe, *sum((["--set", o] for o in overrides), [])]
+        say(f"{recipe.name}: starting {nproc} process{'es' * (nproc > 1)} on this machine "
+            "(each imports torch and Megatron-Core first: some seconds)")
         return launch.spawn_local(argv, nproc)
     expected = world_size(recipe)
     actual = int(os.environ["WORLD_SIZE"])
