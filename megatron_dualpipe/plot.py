@@ -63,6 +63,7 @@ def draw(records: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     eplb = any("eplb_balancedness" in r for r in records)
     panels = 3 if eplb else 2
@@ -107,6 +108,7 @@ def draw(records: list[dict], path: str, title: str) -> None:
         ax.grid(alpha=0.3)
 
     axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

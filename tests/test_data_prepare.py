@@ -126,3 +126,30 @@ def test_validation_and_training_samples_come_from_their_own_documents(prepared,
             sample = GPTSamples(dataset).sample(i)
             assert sample.dtype == torch.long and sample.numel() == 9
             assert set(sample.tolist()) <= allowed[name], (name, i)
+
+
+def test_weighted_blend_draws_from_each_dataset_by_weight(prepared, tmp_path):
+    """data.path as Megatron's weighted list: Megatron's BlendedDataset gives each dataset its
+    share of the samples (letters-only vs digits-only datasets tell the sources apart)."""
+    from megatron_dualpipe.data.gpt_dataset import GPTSamples, build_gpt_datasets
+
+    prefixes = {}
+    for name, texts in (("letters", ["abcdefg" * 40, "hijklmn" * 40]),
+                        ("digits", ["0123456789" * 40, "9876543210" * 40])):
+        jsonl = tmp_path / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        prefixes[name] = str(tmp_path / name)
+        assert main(["data", "prepare", "--input", str(jsonl), "--output-prefix",
+                     prefixes[name], "--tokenizer", f"{prepared}.tokenizer.json"]) == 0
+    letters = set(sum(_read(prefixes["letters"]), []))
+    digits = set(sum(_read(prefixes["digits"]), []))
+    recipe = load_recipe("recipes/tiny_moe_cpu.yaml", [
+        "data.kind=indexed", f"data.path=[0.25, {prefixes['letters']}, 0.75, {prefixes['digits']}]",
+        "data.split='1,0,0'", "model.vocab_size=300", "model.seq_length=8"])
+    train, valid = build_gpt_datasets(recipe, 40, 0)
+    assert valid is None
+    samples = [set(GPTSamples(train).sample(i).tolist()) for i in range(40)]
+    from_letters = sum(s <= letters for s in samples)
+    from_digits = sum(s <= digits for s in samples)
+    assert from_letters + from_digits == 40
+    assert from_letters == 10 and from_digits == 30

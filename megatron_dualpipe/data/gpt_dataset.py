@@ -93,7 +93,7 @@ def build_gpt_datasets(recipe, num_train: int, num_valid: int):
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    sizes = [num_train, num_valid or None, None]
+    sizes = [num_train, num_valid, 0]  # Megatron needs sizes with weighted blends
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, lambda: True, config).build()

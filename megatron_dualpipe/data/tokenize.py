@@ -22,8 +22,8 @@ def _tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise UserError("data prepare needs the tokenizers library: pip install tokenizers "
-                        "(scripts/install.sh installs it)") from None
+        raise UserError("reading or training a tokenizer needs the tokenizers library: pip install "
+                        "tokenizers (scripts/install.sh installs it)") from None
     return tokenizers
 
 
