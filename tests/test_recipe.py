@@ -215,7 +215,7 @@ def test_unknown_key_in_a_file(tmp_path):
     bad = write(tmp_path / "bad.yaml", "modle: {num_layers: 2}\ntrain: {stepz: 3}\n")
     msg = error_of(path=bad)
     assert str(bad) in msg
-    assert "modle: unknown field; allowed fields: name, model, moe" in msg
+    assert "modle: unknown field; allowed fields: name, description, model, moe" in msg
     assert "train.stepz: unknown field; allowed fields:" in msg and "steps" in msg
 
 
