@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-LATEST = "latest.json"
-
+from megatron_dualpipe import checkpoint_files as files
+from megatron_dualpipe.errors import UserError
 
 # Optimizer state as the distributed optimizer's flat shards: every rank saves and loads its
 # own part without communication (resumable with the same parallel layout, any DP size).
@@ -37,29 +36,36 @@ def _hooks(state) -> list:
 def save(state, ckpt_dir: str) -> Path:
     """Save model, optimizer, LR schedule and step to `<ckpt_dir>/step_<N>` atomically.
 
-    `latest.json` is rewritten only after every rank has finished writing, so an
-    interrupted save never replaces the last good checkpoint.
+    Everything is written into `step_<N>.tmp`; once every rank has finished, the ranks
+    checksum the files (each its share), rank 0 writes the manifest, renames the directory and
+    only then replaces `latest.json` (see checkpoint_files.py). An interrupted save never
+    replaces or damages the last good checkpoint.
     """
     from megatron.core import dist_checkpointing
 
-    root = Path(ckpt_dir)
-    path = root / f"step_{state.step:07d}"
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = Path(ckpt_dir) / files.step_dir_name(state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        files.remove_tree(tmp)  # left by an interrupted save
+        tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(state), str(path))
+    dist_checkpointing.save(_sharded_state_dict(state), str(tmp))
     for hook in _hooks(state):
-        hook.on_save(state, path)
-    if dist.get_rank() == 0:
+        hook.on_save(state, tmp)
+    if rank == 0:
         torch.save({"scheduler": state.scheduler.state_dict(), "step": state.step},
-                   path / "train_state.pt")
+                   tmp / "train_state.pt")
     dist.barrier()
-    if dist.get_rank() == 0:
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(json.dumps({"step": state.step, "path": path.name}))
-        tmp.replace(root / LATEST)
+    names = [files.files_of(tmp) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    shares = [None] * world
+    dist.all_gather_object(shares, files.describe(tmp, names[0][rank::world]))
+    if rank == 0:
+        entries = {name: entry for share in shares for name, entry in share.items()}
+        files.publish(tmp, final, state.step, entries)
     dist.barrier()
-    return path
+    return final
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -91,18 +97,48 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def latest(ckpt_dir: str) -> Path | None:
-    marker = Path(ckpt_dir) / LATEST
-    if not marker.exists():
+def choose(ckpt_dir: str) -> Path | None:
+    """The newest intact checkpoint in `ckpt_dir` (collective; every rank gets the same).
+
+    Each rank verifies its share of the files against the manifest; a corrupt or incomplete
+    checkpoint is reported by path and skipped for the next older one. None when there is no
+    checkpoint at all; a `UserError` when there are some but none is usable.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps, notes = files.candidates(ckpt_dir)
+    skipped = []
+    for step in steps:
+        path = Path(ckpt_dir) / files.step_dir_name(step)
+        names = files.manifest_files(path)
+        shares = [None] * world
+        dist.all_gather_object(shares, files.problems(path, names[rank::world]))
+        found = sorted({p for share in shares for p in share})
+        if not found:
+            if rank == 0:
+                for note in notes:
+                    print(f"[megatron_dualpipe] warning: {note}", flush=True)
+                for bad in skipped:
+                    print(f"[megatron_dualpipe] warning: skipped a damaged checkpoint: {bad}",
+                          flush=True)
+                if skipped:
+                    print(f"[megatron_dualpipe] using the newest intact checkpoint: {path}",
+                          flush=True)
+            return path
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        skipped.append(f"{found[0]}{more}")
+    if not steps:
         return None
-    return Path(ckpt_dir) / json.loads(marker.read_text())["path"]
+    raise UserError(
+        f"no usable checkpoint in {ckpt_dir}: " + "; ".join(notes + skipped)
+        + "; set train.resume=false to start over (overwrites them) or restore a checkpoint"
+    )
 
 
 def load(state, ckpt_dir: str) -> int:
     """Load the latest checkpoint into `state`; returns the step to resume from (0 if none)."""
     from megatron.core import dist_checkpointing
 
-    path = latest(ckpt_dir)
+    path = choose(ckpt_dir)
     if path is None:
         return 0
     _init_optimizer_state(state.optimizer)

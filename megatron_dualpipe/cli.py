@@ -10,12 +10,23 @@ from megatron_dualpipe.console import quiet_dependencies, say
 from megatron_dualpipe.errors import UserError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML recipe")
     p.add_argument("recipe", help="path to a recipe YAML (e.g. recipes/tiny_moe_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set parallel.pp=2 (repeatable)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
+    p.add_argument("--nproc-per-node", type=positive_int, default=None,
                    help="processes to start on this machine (default: from the recipe)")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved recipe (what <log_dir>/config.yaml gets) and "
@@ -31,7 +42,7 @@ def _run_train(args) -> int:
     from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 
     overrides = list(args.overrides)
-    if args.nproc_per_node:
+    if args.nproc_per_node is not None:
         overrides.append(f"parallel.nproc_per_node={args.nproc_per_node}")
     if args.profile_steps:  # [overlap] quoted: YAML would read 2:4 as a base-60 number
         from megatron_dualpipe.profiling import parse_steps
@@ -45,7 +56,6 @@ def _run_train(args) -> int:
         print(resolved_yaml(recipe), end="")
         return 0
     check_recipe(recipe, args.recipe, TRAIN_RULES)  # once here, before any worker starts
-    launch.adopt_slurm_env()
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
         if recipe.parallel.num_nodes > 1:
@@ -53,6 +63,10 @@ def _run_train(args) -> int:
                 f"parallel.num_nodes={recipe.parallel.num_nodes}: start multi-node jobs with "
                 "torchrun or scripts/train.sbatch"
             )
+        done = _finished(recipe)
+        if done:
+            print(f"[megatron_dualpipe] {done}", flush=True)
+            return 0
         argv = ["train", args.recipe, *sum((["--set", o] for o in overrides), [])]
         say(f"{recipe.name}: starting {nproc} process{'es' * (nproc > 1)} on this machine "
             "(each imports torch and Megatron-Core first: some seconds)")
@@ -67,6 +81,18 @@ def _run_train(args) -> int:
     from megatron_dualpipe.train import run_worker
 
     return run_worker(recipe)
+
+
+def _finished(recipe) -> str | None:
+    """The "already complete" message when the newest intact checkpoint is the last step."""
+    from megatron_dualpipe import checkpoint_files
+
+    if not (recipe.train.ckpt_dir and recipe.train.resume):
+        return None
+    step = checkpoint_files.newest_complete(recipe.train.ckpt_dir)
+    if step is None or step < recipe.train.steps:
+        return None
+    return checkpoint_files.already_complete(recipe, step)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +129,14 @@ def _optional_subcommands(sub) -> None:
 def main(argv=None) -> int:
     quiet_dependencies()
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from megatron_dualpipe import launch
+
+        launch.adopt_slurm_env()
+        if launch.in_launched_job():  # a worker: die with the launcher, stop on SIGTERM
+            from megatron_dualpipe.lifetime import init_worker
+
+            init_worker()
     try:
         if args.command == "train":
             return _run_train(args)
@@ -110,3 +144,6 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"megatron-dualpipe {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"megatron-dualpipe {args.command}: interrupted", file=sys.stderr)
+        return 130

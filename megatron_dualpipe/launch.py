@@ -34,35 +34,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_code(rc: int) -> int:
+    """A worker's exit status as a shell reports it (killed by signal N: 128 + N)."""
+    return 128 - rc if rc < 0 else rc
+
+
 def spawn_local(argv: list[str], nproc: int) -> int:
     """Run `python -m megatron_dualpipe <argv>` in `nproc` processes; returns the exit code.
 
-    If one worker fails, the others are stopped and its exit code is returned.
+    - Workers die with this process, however it dies (`lifetime.die_with_parent`).
+    - SIGTERM and SIGUSR1 are passed on: the workers checkpoint at the next step end and exit 0.
+    - Ctrl-C ends every worker at once; one line says so. The workers run in their own process
+      group, so the terminal's SIGINT reaches only this process (no traceback from any rank).
+    - If one worker fails, the others are killed and its exit status is returned.
+
+    torchrun's elastic agent is not used: it starts workers in their own sessions without a
+    parent-death signal, so a SIGKILLed agent leaves them training.
     """
+    from megatron_dualpipe.lifetime import LAUNCHER_PID_VAR, STOP_SIGNALS
+
     port = os.environ.get("MASTER_PORT") or str(free_port())
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_dualpipe", *argv], env=env))
-    code = 0
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
-        while procs:
-            for p in list(procs):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                procs.remove(p)
-                if rc != 0 and code == 0:
-                    code = rc
-                    for other in procs:
-                        other.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
+        for rank in range(nproc):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            env[LAUNCHER_PID_VAR] = str(os.getpid())
+            procs.append(subprocess.Popen([sys.executable, "-m", "megatron_dualpipe", *argv],
+                                          env=env, process_group=0))
+        return _wait(procs)
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop(procs, signal.SIGKILL, grace_s=5.0)
+        print("megatron-dualpipe train: interrupted (Ctrl-C); all ranks stopped", file=sys.stderr)
         return 130
-    return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _wait(procs: list[subprocess.Popen]) -> int:
+    """Wait for every worker; on the first failure kill the rest and return its status."""
+    running = list(procs)
+    while running:
+        for p in list(running):
+            rc = p.poll()
+            if rc is None:
+                continue
+            running.remove(p)
+            if rc != 0:
+                _stop(running, signal.SIGKILL, grace_s=5.0)
+                rank = procs.index(p)
+                print(f"megatron-dualpipe train: rank {rank} exited with status "
+                      f"{_exit_code(rc)}; stopped the other ranks", file=sys.stderr)
+                return _exit_code(rc)
+        time.sleep(0.1)
+    return 0
+
+
+def _stop(procs: list[subprocess.Popen], signum: int, grace_s: float) -> None:
+    """Send `signum` to the running workers; SIGKILL those still running after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -11,7 +11,10 @@ from pathlib import Path
 class MetricsLogger:
     """Writes one JSON object per step to `<log_dir>/metrics.jsonl` and prints a progress line.
 
-    Only the process with `enabled=True` (global rank 0) writes or prints.
+    Only the process with `enabled=True` (global rank 0) writes or prints. Rows are never
+    lost: a resumed run keeps the rows of the steps before `resume_step` (later ones are
+    replaced by the rerun steps); a run from step 0 first moves an existing file aside to
+    `metrics.<N>.jsonl`.
     """
 
     def __init__(self, log_dir: str, total_steps: int, enabled: bool, resume_step: int = 0,
@@ -27,8 +30,10 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.exists():
             self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        elif self.path.exists() and self.path.stat().st_size:
+            kept = _free_name(self.path)
+            os.replace(self.path, kept)
+            print(f"[megatron_dualpipe] {self.path} existed: moved to {kept.name}", flush=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,12 +43,24 @@ class MetricsLogger:
                 print("tensorboard not installed; logging to metrics.jsonl only", file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep the records of steps < `step` (a resumed run rewrites later ones)."""
-        kept = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) < step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Keep the records of steps < `step` (a resumed run rewrites later ones).
+
+        A line cut short by a kill is dropped. The file is replaced atomically.
+        """
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) < step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -69,6 +86,14 @@ class MetricsLogger:
             return None, None
         per_step = seconds / (self._logged - 1)
         return tokens / seconds, per_step * (self.total_steps - record["step"] - 1)
+
+
+def _free_name(path: Path) -> Path:
+    """`metrics.1.jsonl`, `metrics.2.jsonl`, ...: the first that does not exist."""
+    n = 1
+    while (candidate := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
 
 
 def format_progress(record: dict, total_steps: int, tokens_per_s: float | None = None,

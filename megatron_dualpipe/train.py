@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe import console
+from megatron_dualpipe.checkpoint_files import already_complete
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.dump import write_resolved
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
@@ -19,6 +21,7 @@ from megatron_dualpipe.data import make_sources
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
 from megatron_dualpipe.evaluate import evaluate, evaluation_due
 from megatron_dualpipe.features import extensions
+from megatron_dualpipe.lifetime import STOP
 from megatron_dualpipe.lr_scheduler import build_scheduler
 from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
@@ -77,6 +80,8 @@ class TrainState:
     hooks: list = field(default_factory=list)
     batches: BatchSchedule | None = None  # global batch per step (train.batch_ramp)
     warnings: list = field(default_factory=list)  # recipe warnings (printed by rank 0)
+    stopped_by: str | None = None  # the signal that stopped training early (SIGTERM, SIGUSR1)
+    saved: object = None  # the last checkpoint this run wrote
 
 
 def setup(recipe: Recipe) -> TrainState:
@@ -228,6 +233,10 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
     built_s = time.perf_counter() - start
     if recipe.train.ckpt_dir and recipe.train.resume:
         state.step = checkpoint.load(state, recipe.train.ckpt_dir)
+        if state.step >= recipe.train.steps:
+            if rank == 0:
+                print(f"[megatron_dualpipe] {already_complete(recipe, state.step)}", flush=True)
+            return state
     logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
                            resume_step=state.step, tensorboard=recipe.train.tensorboard)
     if rank == 0:
@@ -262,14 +271,28 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
         console.flush_warnings()
         logger.log(record)
         interval = recipe.train.save_interval
+        state.stopped_by = STOP.check(state.device)  # SIGTERM/SIGUSR1 on any rank
         if recipe.train.ckpt_dir and (
             (interval and state.step % interval == 0) or state.step == recipe.train.steps
+            or state.stopped_by
         ):
-            checkpoint.save(state, recipe.train.ckpt_dir)
+            state.saved = checkpoint.save(state, recipe.train.ckpt_dir)
+        if state.stopped_by and state.step < last:
+            if rank == 0:
+                print(f"[megatron_dualpipe] {stopped_message(state)}", flush=True)
+            break
     profiler.close()
     console.flush_warnings()
     console.say(console.summary(state.history, logger.path))
     return state
+
+
+def stopped_message(state: TrainState) -> str:
+    where = (f"checkpoint saved to {state.saved}; run the same command again to resume"
+             if state.saved else "no checkpoint (train.ckpt_dir is not set): the steps so far "
+             "are lost")
+    steps = state.recipe.train.steps
+    return f"{state.stopped_by}: stopped after step {state.step} of {steps}; {where}"
 
 
 def _dp_rank() -> int:
@@ -286,7 +309,9 @@ def run_worker(recipe: Recipe) -> int:
 
         faulthandler.dump_traceback_later(hang_dump_s, exit=True)
     try:
-        train(recipe)
+        state = train(recipe)
     finally:
         destroy_distributed()
+    if state.stopped_by and not state.saved:
+        return 128 + signal.Signals[state.stopped_by].value
     return 0

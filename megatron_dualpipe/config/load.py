@@ -21,22 +21,60 @@ from megatron_dualpipe.errors import UserError
 MAX_INCLUDE_DEPTH = 8
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key repeated in one mapping is an error (not "last wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str):
+    """Parse YAML text strictly (duplicate keys are errors)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"recipe {path}: is a directory, not a YAML file") from None
     except OSError as err:
         raise UserError(f"recipe {path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"recipe {path}: not UTF-8 text (byte {err.start}: {err.object[err.start]:#04x})"
+        ) from None
     except yaml.YAMLError as err:
-        raise UserError(f"recipe {path}: invalid YAML: {err}") from None
+        raise UserError(f"recipe {path}: invalid YAML: {_one_line(err)}") from None
     if data is None:
-        return {}
+        raise UserError(f"recipe {path}: the file is empty (no recipe fields)")
     if not isinstance(data, dict):
         raise UserError(  # noqa: TRY004 - every recipe problem is a UserError (CLI: exit 2)
             f"recipe {path}: top level must be a mapping, got {type(data).__name__}"
         )
     return data
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message without the quoted source lines: `problem at line L, column C`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -113,7 +151,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         parts = key.strip().split(".")
         _section_fields(Recipe, parts)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -156,6 +194,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(loc)
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "value_error":  # our own validators: the message says it all
+            msg = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"]
         else:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):

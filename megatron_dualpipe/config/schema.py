@@ -6,9 +6,11 @@ fields are in `validate.py`. Unknown keys are errors.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from megatron_dualpipe.schedules.spec import TRAIN_SCHEDULES
 
@@ -16,8 +18,43 @@ Schedule = Literal[TRAIN_SCHEDULES]
 FP8Recipe = Literal["none", "blockwise", "delayed", "current", "mxfp8"]
 
 
+_KIND = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _scalar_type(annotation) -> type | None:
+    """int, float or bool for `X` and `Optional[X]` annotations, else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    return annotation if annotation in _KIND else None
+
+
+def _yaml_repr(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)[:40]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value, info: ValidationInfo):
+        """Numbers and booleans as YAML writes them: `steps: true` or `lr: "1e-3"` are errors
+        (pydantic's lax mode would read them as 1 and 0.001)."""
+        kind = _scalar_type(cls.model_fields[info.field_name].annotation)
+        if kind is None or value is None:
+            return value
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"expected {_KIND[kind]}, got {_yaml_repr(value)}")
+        return value
 
 
 class MLAConfig(Section):
