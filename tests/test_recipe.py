@@ -50,8 +50,11 @@ def test_defaults_load():
         recipe.train.micro_batch_size)
 
 
-def test_empty_file_is_the_defaults(tmp_path):
-    assert load_recipe(write(tmp_path / "empty.yaml", "")) == Recipe()
+def test_empty_file_is_an_error_but_an_empty_mapping_is_the_defaults(tmp_path):
+    empty = write(tmp_path / "empty.yaml", "# nothing yet\n")
+    with pytest.raises(ValueError, match=f"recipe {empty}: the file is empty"):
+        load_recipe(empty)
+    assert load_recipe(write(tmp_path / "defaults.yaml", "{}\n")) == Recipe()
 
 
 def test_tiny_cpu_recipe():
@@ -226,7 +229,7 @@ def test_unknown_nested_key():
 
 def test_wrong_type():
     msg = error_of("model.num_layers=abc")
-    assert "model.num_layers" in msg and "valid integer" in msg and "'abc'" in msg
+    assert "model.num_layers: expected an integer, got 'abc'" in msg
 
 
 def test_wrong_type_for_a_section():

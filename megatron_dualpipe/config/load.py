@@ -6,6 +6,7 @@ Every problem is raised as one `UserError` that names the recipe field path.
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +40,17 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` and `1e12` (no dot) as strings.
+StrictLoader.yaml_implicit_resolvers = {
+    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_yaml(text: str):
     """Parse YAML text strictly (duplicate keys are errors)."""
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -49,8 +61,6 @@ def _read_yaml(path: Path) -> dict:
         data = parse_yaml(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"recipe file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"recipe {path}: is a directory, not a YAML file") from None
     except OSError as err:
         raise UserError(f"recipe {path}: cannot read: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
