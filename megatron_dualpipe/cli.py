@@ -6,19 +6,9 @@ import argparse
 import os
 import sys
 
+from megatron_dualpipe.cli_args import positive_int
 from megatron_dualpipe.console import quiet_dependencies, say
 from megatron_dualpipe.errors import UserError
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _add_train(sub) -> None:

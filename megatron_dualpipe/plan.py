@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from megatron_dualpipe.cli_args import positive_float, positive_int, writable_file
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config.load import apply_overrides, format_validation_error, load_raw
 from megatron_dualpipe.config.rules import RECIPE_RULES, check_recipe
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a recipe field (repeatable)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+    parser.add_argument("--gpu-memory-gb", type=positive_float, default=None,
                         help="memory per GPU to check against (default: the --hardware's, "
                         "else 80, H100/H800)")
     parser.add_argument("--predict", action="store_true",
@@ -61,13 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "trillion tokens (planning/predict/)")
     parser.add_argument("--search", action="store_true",
                         help="rank the layouts of --gpus GPUs by predicted throughput")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs for --search")
+    parser.add_argument("--gpus", type=positive_int, default=None, help="GPUs for --search")
     parser.add_argument("--hardware", default="h800",
                         help="h800, h100, h200 or a hardware YAML file (default: h800)")
     parser.add_argument("--calibration", default=None,
                         help="per-layer calibration JSON (default: planning/calibration/"
                         "h200_v3_rank.json)")
-    parser.add_argument("--png", default=None,
+    parser.add_argument("--png", default=None, type=writable_file,
                         help="with --predict: write the predicted timeline (and with --search "
                         "the layouts' throughput) to this PNG")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_dualpipe.cli_args import non_negative_int, positive_int, writable_file
 from megatron_dualpipe.eplb.api import MODES, rebalance_experts
 from megatron_dualpipe.eplb.placement.planner import POLICIES, as_weight_array, make_layout
 from megatron_dualpipe.eplb.placement.report import gpu_loads, report
@@ -35,19 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           description="Plan expert replicas/placement and report balancedness.")
     plan.add_argument("--load", required=True, metavar="FILE",
                       help="per-expert loads [layers, experts] (.pt tensor or .npy)")
-    plan.add_argument("--replicas", type=int, required=True, help="physical slots per layer")
-    plan.add_argument("--groups", type=int, required=True, help="expert groups")
-    plan.add_argument("--nodes", type=int, required=True, help="server nodes")
-    plan.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    plan.add_argument("--replicas", type=positive_int, required=True,
+                      help="physical slots per layer")
+    plan.add_argument("--groups", type=positive_int, required=True, help="expert groups")
+    plan.add_argument("--nodes", type=positive_int, required=True, help="server nodes")
+    plan.add_argument("--gpus", type=positive_int, required=True, help="GPUs in total")
     plan.add_argument("--current", metavar="PLAN",
                       help="current plan (.pt from this command, or a phy2log .pt/.npy); "
                            "enables migration-aware planning")
-    plan.add_argument("--out", default="eplb_plan.pt", metavar="FILE",
+    plan.add_argument("--out", default="eplb_plan.pt", metavar="FILE", type=writable_file,
                       help="where to write the plan (default: eplb_plan.pt)")
-    plan.add_argument("--png", metavar="FILE", help="draw per-GPU load before/after (matplotlib)")
+    plan.add_argument("--png", metavar="FILE", type=writable_file,
+                      help="draw per-GPU load before/after (matplotlib)")
     plan.add_argument("--mode", choices=MODES, default="fast")
     plan.add_argument("--policy", choices=POLICIES, default="auto")
-    plan.add_argument("--expert-bytes", type=int, default=0, metavar="N",
+    plan.add_argument("--expert-bytes", type=non_negative_int, default=0, metavar="N",
                       help="bytes per expert, for the bytes-moved report")
 
 
