@@ -110,6 +110,10 @@ node_command() {
 if [[ "$exec_node" -eq 1 ]]; then
     node_rank="${SLURM_NODEID:?--exec-node runs under srun (SLURM_NODEID is not set)}"
     node_command "$node_rank"
+    # Slurm's --signal=USR1 reaches every process of the step. The workers catch it (they
+    # checkpoint at the next step end); torchrun has no handler and would die of it, so it
+    # inherits "ignore" from here (a disposition that survives exec; the workers set their own).
+    trap '' USR1
     exec "${cmd[@]}"
 fi
 
