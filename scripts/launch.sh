@@ -110,10 +110,13 @@ node_command() {
 if [[ "$exec_node" -eq 1 ]]; then
     node_rank="${SLURM_NODEID:?--exec-node runs under srun (SLURM_NODEID is not set)}"
     node_command "$node_rank"
-    # Slurm's --signal=USR1 reaches every process of the step. The workers catch it (they
-    # checkpoint at the next step end); torchrun has no handler and would die of it, so it
-    # inherits "ignore" from here (a disposition that survives exec; the workers set their own).
-    trap '' USR1
+    # Slurm's SIGTERM (preemption, scancel) and --signal=USR1 reach every process of the step.
+    # The workers catch both and checkpoint at the next step end (megatron_dualpipe/lifetime.py)
+    # with no deadline but Slurm's KillWait. torchrun would die of USR1, and on SIGTERM would
+    # SIGKILL the workers 30 s later, possibly mid-save: it ignores both (a disposition that
+    # survives exec; the workers install their own handlers) and exits when the workers do.
+    trap '' USR1 TERM
+    export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}"
     exec "${cmd[@]}"
 fi
 
