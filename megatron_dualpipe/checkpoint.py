@@ -130,7 +130,7 @@ def choose(ckpt_dir: str) -> Path | None:
         return None
     raise UserError(
         f"no usable checkpoint in {ckpt_dir}: " + "; ".join(notes + skipped)
-        + "; set train.resume=false to start over (overwrites them) or restore a checkpoint"
+        + "; restore a checkpoint, or give another train.ckpt_dir to start over"
     )
 
 

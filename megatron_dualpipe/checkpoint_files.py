@@ -180,4 +180,20 @@ def already_complete(recipe, step: int) -> str:
     """What a re-run of a finished job prints (it then exits 0)."""
     return (f"already complete: {recipe.train.ckpt_dir} holds step {step} of "
             f"train.steps={recipe.train.steps}; nothing to do (raise train.steps to train on, "
-            "or set train.resume=false to start over)")
+            "or give another train.ckpt_dir to start over)")
+
+
+def check_fresh_start(recipe) -> None:
+    """`train.resume: false` must not mix a new run's checkpoints with an old run's."""
+    ckpt_dir = recipe.train.ckpt_dir
+    if not ckpt_dir or recipe.train.resume:
+        return
+    steps = step_dirs(ckpt_dir)
+    if steps:
+        from megatron_dualpipe.errors import UserError
+
+        raise UserError(
+            f"train.resume=false but train.ckpt_dir={ckpt_dir} already holds checkpoints "
+            f"(newest: {step_dir_name(steps[0])}); give another train.ckpt_dir, or remove "
+            "them to start over"
+        )

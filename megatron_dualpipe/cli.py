@@ -27,7 +27,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from megatron_dualpipe import launch
+    from megatron_dualpipe import checkpoint_files, launch
     from megatron_dualpipe.config import load_recipe, world_size
     from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
 
@@ -53,6 +53,7 @@ def _run_train(args) -> int:
                 f"parallel.num_nodes={recipe.parallel.num_nodes}: start multi-node jobs with "
                 "torchrun or scripts/train.sbatch"
             )
+        checkpoint_files.check_fresh_start(recipe)
         done = _finished(recipe)
         if done:
             print(f"[megatron_dualpipe] {done}", flush=True)
@@ -75,10 +76,10 @@ def _run_train(args) -> int:
 
 def _finished(recipe) -> str | None:
     """The "already complete" message when the newest intact checkpoint is the last step."""
-    from megatron_dualpipe import checkpoint_files
-
     if not (recipe.train.ckpt_dir and recipe.train.resume):
         return None
+    from megatron_dualpipe import checkpoint_files
+
     step = checkpoint_files.newest_complete(recipe.train.ckpt_dir)
     if step is None or step < recipe.train.steps:
         return None

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dualpipe import console
-from megatron_dualpipe.checkpoint_files import already_complete
+from megatron_dualpipe.checkpoint_files import already_complete, check_fresh_start
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.dump import write_resolved
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
@@ -231,6 +231,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
     rank = dist.get_rank()
     source, valid_source = make_sources(recipe, _dp_rank(), state.device)
     built_s = time.perf_counter() - start
+    check_fresh_start(recipe)
     if recipe.train.ckpt_dir and recipe.train.resume:
         state.step = checkpoint.load(state, recipe.train.ckpt_dir)
         if state.step >= recipe.train.steps:

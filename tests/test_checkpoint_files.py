@@ -113,7 +113,7 @@ def test_choose_refuses_when_no_checkpoint_is_usable(tmp_path, one_rank):
     path = fake_checkpoint(tmp_path, 5)
     (path / "__0_0.distcp").unlink()
     with pytest.raises(UserError, match=f"no usable checkpoint in {tmp_path}: "
-                       f"{path / '__0_0.distcp'}: missing; set train.resume=false"):
+                       f"{path / '__0_0.distcp'}: missing; restore a checkpoint"):
         checkpoint.choose(str(tmp_path))
 
 
@@ -144,3 +144,20 @@ def test_rerunning_a_finished_job_says_complete_and_starts_nothing(tmp_path, cap
     out = capsys.readouterr().out
     assert f"already complete: {ckpt} holds step 7 of train.steps=7; nothing to do" in out
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_fresh_start_does_not_mix_with_old_checkpoints(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    fake_checkpoint(ckpt, 7)
+    line = main_error(capsys, ["train", "recipes/tiny_moe_cpu.yaml", "--set", "train.resume=false",
+                               "--set", f"train.ckpt_dir={ckpt}"])
+    assert line == (f"megatron-dualpipe train: error: train.resume=false but "
+                    f"train.ckpt_dir={ckpt} already holds checkpoints (newest: step_0000007); "
+                    "give another train.ckpt_dir, or remove them to start over")
+
+
+def main_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    return err[0]
