@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_sbatch_defaults():
     text = SBATCH.read_text()
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.MULTILINE))
     assert directives["gpus-per-node"] == "8" and directives["ntasks-per-node"] == "1"
+    assert directives["signal"] == "USR1@120"  # checkpoint 2 minutes before the time limit
     for script in (SBATCH, LAUNCH):
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
 
@@ -97,7 +99,9 @@ def test_fake_slurm_run_starts_one_torchrun_per_node(tmp_path):
         'n=1; for a in "$@"; do case "$a" in --nodes=*) n=${a#*=};; esac; done\n'
         'while [[ "$1" == --* ]]; do shift; done\n'
         'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@"; done\n')
-    (bin_dir / "torchrun").write_text('#!/bin/bash\necho "torchrun $*" >> "$LOG"\n')
+    (bin_dir / "torchrun").write_text(
+        '#!/bin/bash\necho "torchrun $*" >> "$LOG"\n'
+        'echo "$(grep SigIgn /proc/$$/status) $TORCHELASTIC_SIGNALS_TO_HANDLE" >> "$LOG.sig"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     log = tmp_path / "log"
@@ -115,6 +119,12 @@ def test_fake_slurm_run_starts_one_torchrun_per_node(tmp_path):
     assert {flag(c, "master-addr") for c in runs} == {"gpu-node-17"}
     assert all(sets(c) == ["train.steps=3", "parallel.num_nodes=2", "parallel.nproc_per_node=8"]
                for c in runs)
+    # torchrun ignores SIGTERM and SIGUSR1 (the workers checkpoint on them; docs/troubleshooting.md)
+    for line in Path(f"{log}.sig").read_text().splitlines():
+        mask, handled = line.split()[1:]
+        assert int(mask, 16) & (1 << (signal.SIGTERM - 1)) and int(mask, 16) & (
+            1 << (signal.SIGUSR1 - 1)), line
+        assert handled == "SIGINT,SIGHUP,SIGQUIT"
 
 
 @pytest.mark.parametrize("args, message", [
