@@ -22,7 +22,11 @@ from megatron_dualpipe.errors import UserError
 MAX_INCLUDE_DEPTH = 8
 
 
-class StrictLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML has it (about 10x faster than the pure-Python one).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StrictLoader(_SafeLoader):
     """YAML's safe loader, but a key repeated in one mapping is an error (not "last wins")."""
 
     def construct_mapping(self, node, deep=False):
@@ -42,7 +46,7 @@ class StrictLoader(yaml.SafeLoader):
 
 # YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` and `1e12` (no dot) as strings.
 StrictLoader.yaml_implicit_resolvers = {
-    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    key: list(value) for key, value in _SafeLoader.yaml_implicit_resolvers.items()
 }
 StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
