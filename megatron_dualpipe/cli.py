@@ -21,6 +21,8 @@ def _add_train(sub) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved recipe (what <log_dir>/config.yaml gets) and "
                    "exit")
+    p.add_argument("--force", action="store_true",
+                   help="start even if the estimated memory per device exceeds the device's")
     p.add_argument("--profile-steps", default=None, metavar="A:B",
                    help="write PyTorch profiler Chrome traces of steps A..B-1 to "
                    "<log_dir>/traces/rank<r>.json (analyze: python -m megatron_dualpipe trace)")
@@ -29,7 +31,8 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from megatron_dualpipe import checkpoint_files, launch
     from megatron_dualpipe.config import load_recipe, world_size
-    from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
+    from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe, launch_rules
+    from megatron_dualpipe.lifetime import LAUNCHER_PID_VAR
 
     overrides = list(args.overrides)
     if args.nproc_per_node is not None:
@@ -45,7 +48,10 @@ def _run_train(args) -> int:
 
         print(resolved_yaml(recipe), end="")
         return 0
-    check_recipe(recipe, args.recipe, TRAIN_RULES)  # once here, before any worker starts
+    if launch.in_launched_job() and os.environ.get(LAUNCHER_PID_VAR):
+        check_recipe(recipe, args.recipe, TRAIN_RULES)  # our launcher checked this machine
+    else:
+        check_recipe(recipe, args.recipe, launch_rules(args.force))  # before any worker
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
         if recipe.parallel.num_nodes > 1:

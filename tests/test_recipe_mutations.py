@@ -38,6 +38,7 @@ HUGE_FLOAT = 1e300
 # 2**63 - 1, rates and thresholds with no natural upper limit).
 UNBOUNDED = {
     "train.steps", "train.save_interval", "train.log_interval", "train.seed", "data.seed",
+    "train.global_batch_size",
     "eplb.window", "eplb.interval", "optimizer.lr_warmup_steps", "optimizer.clip_grad",
     "optimizer.weight_decay", "optimizer.lr", "optimizer.min_lr", "optimizer.adam_eps",
     "eplb.min_gain", "moe.bias_update_rate", "moe.seq_aux_loss_coeff", "moe.router_bias_init",

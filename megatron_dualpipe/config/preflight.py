@@ -22,7 +22,7 @@ def check_data(recipe: Recipe) -> list[str]:
     """`data.kind: indexed` needs `data.path`, the prefix of a readable .bin/.idx pair."""
     d = recipe.data
     if d.kind != "indexed":
-        return [f"data.path={d.path} is ignored with data.kind=synthetic"] if d.path else []
+        return []
     if not d.path:
         raise UserError("data.path: data.kind=indexed needs data.path, the prefix of a "
                         "Megatron <prefix>.bin/<prefix>.idx pair")
@@ -95,10 +95,17 @@ def _gpu_memory_gb() -> list[float]:
 
 
 def estimate_gb(recipe: Recipe):
-    """The memory model of `plan` (planning/memory.py): one `RankMemory` per pipeline rank."""
+    """The memory model of `plan` (planning/memory.py): one `RankMemory` per pipeline rank.
+
+    Activations peak within the first few micro-batches per rank (warm-up), so a step of very
+    many is walked with `pp x (chunks + 3)` of them: same peak, bounded time.
+    """
+    from megatron_dualpipe.config.validate import num_microbatches
     from megatron_dualpipe.planning import memory, pipeline_ranks, simulate_recipe
 
-    actions, sim = simulate_recipe(recipe)
+    p = recipe.parallel
+    enough = p.pp * ((p.vpp or 2) + 3)
+    actions, sim = simulate_recipe(recipe, microbatches=min(num_microbatches(recipe), enough))
     return [memory.rank_memory(recipe, r, actions[r.pp_rank],
                                sim.peak_activations_per_rank[r.pp_rank])
             for r in pipeline_ranks(recipe)]

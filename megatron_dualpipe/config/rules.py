@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from megatron_dualpipe.config import preflight as P
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config import validate_training as T
 from megatron_dualpipe.config.dispatcher import check_dispatcher, check_dispatcher_installed
@@ -72,6 +73,17 @@ TRAIN_RULES: list[Rule] = [
 ]
 
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]
+
+# Rules about this machine: data files, output directories, memory against the device
+# (config/preflight.py). `train` runs them before it starts workers; `--force` skips the memory
+# rule.
+MEMORY_RULE = Rule(P.check_memory)
+MACHINE_RULES: list[Rule] = [Rule(P.check_data), Rule(P.check_output_dirs), MEMORY_RULE]
+
+
+def launch_rules(force: bool = False) -> list[Rule]:
+    """What `train` checks before any worker starts (after the schema and `RECIPE_RULES`)."""
+    return [*TRAIN_RULES, *(r for r in MACHINE_RULES if not (force and r is MEMORY_RULE))]
 
 
 def check_recipe(recipe: Recipe, source: str | None = None,

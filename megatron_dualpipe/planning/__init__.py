@@ -57,11 +57,13 @@ def batch_schedule_summary(recipe: Recipe) -> dict | None:
             "first_microbatches": b.num_microbatches(0)}
 
 
-def simulate_recipe(recipe: Recipe, costs: Costs | None = None):
-    """(per-rank action lists, SimResult) of the recipe's schedule (DeepSeek's unit costs)."""
+def simulate_recipe(recipe: Recipe, costs: Costs | None = None,
+                    microbatches: int | None = None):
+    """(per-rank action lists, SimResult) of the recipe's schedule (DeepSeek's unit costs),
+    over the recipe's micro-batches or `microbatches`."""
     costs = costs or Costs()
     p = recipe.parallel
-    m = num_microbatches(recipe)
+    m = microbatches or num_microbatches(recipe)
     chunks = p.vpp or 2
     zero_bubble, overlap = run_options(p)
     actions = build_actions(p.schedule, p.pp, m, overlap=overlap, zero_bubble=zero_bubble,
