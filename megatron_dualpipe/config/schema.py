@@ -18,6 +18,13 @@ Schedule = Literal[TRAIN_SCHEDULES]
 FP8Recipe = Literal["none", "blockwise", "delayed", "current", "mxfp8"]
 
 
+# Upper bounds far above any real model (DeepSeek-V3: 61 layers, 256 experts, 2048 GPUs): a
+# typo like 1e12 is one message here, not an out-of-memory kill or an endless check.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 1 << 20
+MAX_RANKS = 1 << 16
+MAX_PROCS_PER_NODE = 1024
+
 _KIND = {int: "an integer", float: "a number", bool: "true or false"}
 
 
@@ -68,8 +75,9 @@ class MLAConfig(Section):
 
 
 class ModelConfig(Section):
-    num_layers: int = Field(4, ge=1)
-    num_dense_layers: int = Field(1, ge=0, description="leading dense (non-MoE) layers")
+    num_layers: int = Field(4, ge=1, le=MAX_LAYERS)
+    num_dense_layers: int = Field(1, ge=0, le=MAX_LAYERS,
+                                  description="leading dense (non-MoE) layers")
     hidden_size: int = Field(64, ge=1)
     ffn_hidden_size: int = Field(128, ge=1, description="FFN size of the dense layers")
     num_attention_heads: int = Field(4, ge=1)
@@ -78,7 +86,7 @@ class ModelConfig(Section):
     mla: MLAConfig = Field(default_factory=MLAConfig)
     vocab_size: int = Field(256, ge=2)
     seq_length: int = Field(32, ge=1)
-    mtp_num_layers: int = Field(0, ge=0)
+    mtp_num_layers: int = Field(0, ge=0, le=MAX_LAYERS)
     mtp_loss_scaling_factor: float = Field(0.1, ge=0)
     init_method_std: float = Field(0.02, gt=0)
     rotary_base: int = Field(10000, ge=1)
@@ -117,7 +125,7 @@ class ModelConfig(Section):
 
 
 class MoEConfig(Section):
-    num_experts: int = Field(8, ge=1)
+    num_experts: int = Field(8, ge=1, le=MAX_EXPERTS)
     topk: int = Field(2, ge=1)
     ffn_hidden_size: int = Field(32, ge=1)
     shared_expert_ffn_hidden_size: int = Field(32, ge=0, description="0 disables it")
@@ -168,13 +176,15 @@ class MoEConfig(Section):
 
 
 class ParallelConfig(Section):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    ep: int = Field(1, ge=1)
-    vpp: Optional[int] = Field(None, ge=2, description="model chunks per rank, interleaved")
+    tp: int = Field(1, ge=1, le=MAX_RANKS)
+    pp: int = Field(1, ge=1, le=MAX_RANKS)
+    ep: int = Field(1, ge=1, le=MAX_RANKS)
+    vpp: Optional[int] = Field(None, ge=2, le=MAX_LAYERS,
+                               description="model chunks per rank, interleaved")
     schedule: Schedule = "1f1b"
-    num_nodes: int = Field(1, ge=1)
-    nproc_per_node: Optional[int] = Field(None, ge=1, description="default: tp*pp*ep")
+    num_nodes: int = Field(1, ge=1, le=MAX_RANKS)
+    nproc_per_node: Optional[int] = Field(None, ge=1, le=MAX_PROCS_PER_NODE,
+                                          description="default: tp*pp*ep")
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
@@ -194,8 +204,8 @@ class FP8Config(Section):
     recipe: FP8Recipe = "none"
     format: Literal["e4m3", "hybrid"] = "e4m3"
     param_gather: bool = False
-    bf16_layers_at_start: int = Field(0, ge=0)
-    bf16_layers_at_end: int = Field(0, ge=0)
+    bf16_layers_at_start: int = Field(0, ge=0, le=MAX_LAYERS)
+    bf16_layers_at_end: int = Field(0, ge=0, le=MAX_LAYERS)
     dispatch: bool = False
     grouped_gemm_fused: bool = False
     activation_input_store: bool = Field(
@@ -213,7 +223,7 @@ class FP8Config(Section):
 
 class EPLBConfig(Section):
     enabled: bool = False
-    num_redundant_experts: int = Field(0, ge=0)
+    num_redundant_experts: int = Field(0, ge=0, le=MAX_EXPERTS)
     policy: Literal["auto", "hierarchical", "global"] = "auto"
     window: int = Field(100, ge=1)
     window_kind: Literal["sliding", "ema"] = "sliding"

@@ -42,7 +42,15 @@ def num_physical_experts(recipe: Recipe) -> int:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _multiples_near(target: int, unit: int, stop: int) -> list[int]:
+    """The multiples of `unit` in [unit, stop) that can be nearest to `target` (at most four;
+    `_nearest` picks from them): a huge recipe value costs no time."""
+    below = target // unit * unit
+    return [v for v in range(max(unit, below - unit), below + 3 * unit, unit) if v < stop]
 
 
 def _nearest(values: list[int], target: int) -> str:
@@ -55,8 +63,8 @@ def check_parallel(recipe: Recipe) -> None:
     world = world_size(recipe)
     if world % (p.tp * p.pp):
         per_node = world // p.num_nodes
-        valid = [n for n in range(1, 2 * per_node + p.tp * p.pp + 1)
-                 if (p.num_nodes * n) % (p.tp * p.pp) == 0]
+        unit = p.tp * p.pp // math.gcd(p.num_nodes, p.tp * p.pp)  # valid: its multiples
+        valid = _multiples_near(per_node, unit, 2 * per_node + p.tp * p.pp + 1)
         raise UserError(
             f"parallel: world size {world} (parallel.num_nodes x parallel.nproc_per_node) is not "
             f"divisible by parallel.tp x parallel.pp = {p.tp * p.pp}; nearest valid "
@@ -87,7 +95,7 @@ def check_parallel(recipe: Recipe) -> None:
     if spec.bidirectional and p.pp % 2:
         raise UserError(
             f"parallel.pp={p.pp} must be even for dualpipe; nearest valid: "
-            f"{_nearest([v for v in range(2, 2 * p.pp + 2, 2)], p.pp)}"
+            f"{_nearest(_multiples_near(p.pp, 2, 2 * p.pp + 2), p.pp)}"
         )
 
 
@@ -95,7 +103,7 @@ def check_layers(recipe: Recipe) -> None:
     m, p = recipe.model, recipe.parallel
     stages = num_stages(recipe)
     if m.num_layers % stages:
-        valid = [n for n in range(stages, 2 * m.num_layers + stages, stages)]
+        valid = _multiples_near(m.num_layers, stages, 2 * m.num_layers + stages)
         raise UserError(
             f"model.num_layers={m.num_layers} must split evenly into {stages} pipeline stages "
             f"(parallel.schedule={p.schedule}, parallel.pp={p.pp}); nearest valid "
@@ -197,7 +205,7 @@ def check_batch(recipe: Recipe) -> None:
             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {unit}; "
             f"nearest valid train.global_batch_size: "
-            + _nearest(list(range(unit, t.global_batch_size + 2 * unit, unit)),
+            + _nearest(_multiples_near(t.global_batch_size, unit, t.global_batch_size + 2 * unit),
                        t.global_batch_size)
         )
     p = recipe.parallel
