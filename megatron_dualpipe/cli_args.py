@@ -23,36 +23,24 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _at_least(kind: type, low: int, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= `low` (> `low` if `strict`)."""
+    words = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low}"
+
+    def check(text: str):
+        value = _number(text, kind)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text}")
+        return value
+
+    check.__name__ = f"{kind.__name__} {'>' if strict else '>='} {low}"
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+positive_int = _at_least(int, 1)
+non_negative_int = _at_least(int, 0)
+positive_float = _at_least(float, 0, strict=True)
+non_negative_float = _at_least(float, 0)
 
 
 def writable_file(text: str) -> str:
