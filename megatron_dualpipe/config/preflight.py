@@ -1,8 +1,8 @@
-"""Recipe rules about this machine: data files, output directories, memory per device.
+"""Recipe rules about this machine: output directories, memory per device.
 
-They run with the other `train` rules (config/rules.py) in the launcher, before any worker
-starts, so that a wrong path or a recipe too big for the device is one message, not a
-traceback from every rank or an out-of-memory kill.
+They run with the other `train` rules (config/rules.py; the data files are checked there too)
+in the launcher, before any worker starts, so that an unwritable directory or a recipe too big
+for the device is one message, not a traceback from every rank or an out-of-memory kill.
 """
 
 from __future__ import annotations
@@ -14,30 +14,6 @@ from pathlib import Path
 
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.errors import UserError
-
-INDEXED_SUFFIXES = (".bin", ".idx")
-
-
-def check_data(recipe: Recipe) -> list[str]:
-    """`data.kind: indexed` needs `data.path`, the prefix of a readable .bin/.idx pair."""
-    d = recipe.data
-    if d.kind != "indexed":
-        return []
-    if not d.path:
-        raise UserError("data.path: data.kind=indexed needs data.path, the prefix of a "
-                        "Megatron <prefix>.bin/<prefix>.idx pair")
-    for suffix in INDEXED_SUFFIXES:
-        file = Path(d.path + suffix)
-        if not file.is_file():
-            raise UserError(f"data.path={d.path}: {file} not found (an indexed dataset is "
-                            "<prefix>.bin and <prefix>.idx)")
-        try:
-            with open(file, "rb") as f:
-                f.read(1)
-        except OSError as err:
-            raise UserError(f"data.path={d.path}: {file}: cannot read: "
-                            f"{err.strerror or err}") from None
-    return []
 
 
 def check_output_dirs(recipe: Recipe) -> None:

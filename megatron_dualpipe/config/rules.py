@@ -74,11 +74,11 @@ TRAIN_RULES: list[Rule] = [
 
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]
 
-# Rules about this machine: data files, output directories, memory against the device
+# Rules about this machine: output directories, memory against the device
 # (config/preflight.py). `train` runs them before it starts workers; `--force` skips the memory
 # rule.
 MEMORY_RULE = Rule(P.check_memory)
-MACHINE_RULES: list[Rule] = [Rule(P.check_data), Rule(P.check_output_dirs), MEMORY_RULE]
+MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs), MEMORY_RULE]
 
 
 def launch_rules(force: bool = False) -> list[Rule]:
