@@ -39,6 +39,7 @@ HUGE_FLOAT = 1e300
 # 2**63 - 1, rates and thresholds with no natural upper limit).
 UNBOUNDED = {
     "train.steps", "train.save_interval", "train.log_interval", "train.seed", "data.seed",
+    "train.eval_interval", "train.eval_iters",
     "train.global_batch_size",
     "eplb.window", "eplb.interval", "optimizer.lr_warmup_steps", "optimizer.clip_grad",
     "optimizer.weight_decay", "optimizer.lr", "optimizer.min_lr", "optimizer.adam_eps",
@@ -97,8 +98,8 @@ def mutations(path: str, ann, field):
     """(kind, YAML value, must be refused) for one field."""
     base, nullable = split_optional(ann)
     wrong = {int: "abc", float: "abc", bool: "abc", str: "[1, 2]"}.get(base)
-    if wrong is None:
-        wrong = "[1, 2]" if typing.get_origin(base) is typing.Literal else "abc"
+    if wrong is None:  # a Literal, list, tuple or union: a mapping is none of them
+        wrong = "[1, 2]" if typing.get_origin(base) is typing.Literal else "{a: 1}"
     yield "wrong type", wrong, True
     yield "null", "null", not nullable
     if base in (int, float):
@@ -125,10 +126,15 @@ CASES += [(recipe, f"{section}.no_such_field" if section else "no_such_field", "
            "1", True) for recipe in RECIPES for section in sections()]
 
 
-# Overrides that make a shipped recipe trainable as such (the 671B recipe's FP8 dispatch is
-# not in Megatron-Core 0.19, and its data path is the user's to give).
-BASE = {"recipes/deepseek_v3_671b_ep64_tp1_pp16_h800.yaml": ["fp8.dispatch=false",
-                                                              "data.kind=synthetic"]}
+def base_overrides(recipe: str) -> list[str]:
+    """What makes a shipped recipe trainable on any machine: synthetic data for the recipes
+    whose indexed data the user makes (`data prepare`), and no FP8 dispatch for the 671B one
+    (not in Megatron-Core 0.19)."""
+    loaded = load_recipe(recipe)
+    return ((["data.kind=synthetic"] if loaded.data.kind == "indexed" else [])
+            + (["fp8.dispatch=false"] if loaded.fp8.dispatch else []))
+
+
 # A multi-node recipe passed every check when `train` says to use torchrun or Slurm.
 MULTI_NODE = "start multi-node jobs with torchrun or scripts/train.sbatch"
 
@@ -136,7 +142,7 @@ MULTI_NODE = "start multi-node jobs with torchrun or scripts/train.sbatch"
 def run_train(recipe: str, *overrides: str) -> tuple[int | str, str]:
     """`train` in this process: (exit status or "spawned", stderr)."""
     err = io.StringIO()
-    overrides = (*BASE.get(recipe, []), *overrides)
+    overrides = (*base_overrides(recipe), *overrides)
     argv = ["train", recipe, *(a for o in overrides for a in ("--set", o))]
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:

@@ -51,6 +51,7 @@ def test_undecodable_bytes_are_named(tmp_path, capsys):
     ("optimizer.lr='0.1'", "optimizer.lr: expected a number, got '0.1'"),
     ("train.resume=1", "train.resume: expected true or false, got 1"),
     ("model.hidden_size={}", "model.hidden_size: expected an integer, got {}"),
+    ("data.path={a: 1}", "data.path: expected one of: a valid string, a valid list"),
     ("parallel.nproc_per_node=0", "parallel.nproc_per_node: Input should be greater than or "
                                   "equal to 1"),
 ])

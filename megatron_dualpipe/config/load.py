@@ -201,9 +201,39 @@ def _allowed_values(model: type[BaseModel], loc: tuple) -> str:
     return ""
 
 
+def _field_loc(loc: tuple) -> tuple:
+    """The part of an error location that names a recipe field (pydantic appends the member
+    type, e.g. `str`, when a union field matches none of its members)."""
+    owner: Any = Recipe
+    for i, part in enumerate(loc):
+        field = owner.model_fields.get(part) if isinstance(owner, type) else None
+        if field is None:
+            return loc[:i] if i else loc
+        owner = field.annotation
+        if not (isinstance(owner, type) and issubclass(owner, BaseModel)):
+            return loc[: i + 1]
+    return loc
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """One error per union field that matched none of its members: "expected one of ..."."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in errors:
+        groups.setdefault(_field_loc(tuple(str(p) for p in e["loc"])), []).append(e)
+    merged = []
+    for loc, group in groups.items():
+        if len(group) > 1 and all(tuple(map(str, e["loc"])) != loc for e in group):
+            kinds = ", ".join(e["msg"].removeprefix("Input should be ") for e in group)
+            merged.append({"loc": loc, "type": "union", "msg": f"expected one of: {kinds}",
+                           "input": group[0].get("input")})
+        else:
+            merged += group
+    return merged
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
-    for e in err.errors():
+    for e in _merge_union_errors(err.errors()):
         loc = tuple(str(p) for p in e["loc"])
         path = ".".join(loc)
         if e["type"] == "extra_forbidden":
