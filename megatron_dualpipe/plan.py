@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from megatron_dualpipe.cli_args import positive_float, positive_int, writable_file
+from megatron_dualpipe.cli_args import positive_float, writable_file
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config.load import apply_overrides, format_validation_error, load_raw
 from megatron_dualpipe.config.rules import RECIPE_RULES, check_recipe
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "trillion tokens (planning/predict/)")
     parser.add_argument("--search", action="store_true",
                         help="rank the layouts of --gpus GPUs by predicted throughput")
-    parser.add_argument("--gpus", type=positive_int, default=None, help="GPUs for --search")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs for --search")
     parser.add_argument("--hardware", default="h800",
                         help="h800, h100, h200 or a hardware YAML file (default: h800)")
     parser.add_argument("--calibration", default=None,
