@@ -44,6 +44,12 @@ class CachedBatches:
         for m in microbatches if microbatches is not None else range(self.num_microbatches):
             yield chosen[m]
 
+    def iterators(self, step: int, num_chunks: int):
+        """The `data_iterator` of a forward_backward_func: one, or one per model chunk."""
+        if num_chunks == 1:
+            return self.iterator(step)
+        return [self.iterator(step) for _ in range(num_chunks)]
+
 
 def transformer_configs(chunks) -> list:
     """Every distinct TransformerConfig object reachable from the model chunks."""
