@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -87,20 +86,6 @@ def te_autocast(recipe):
     if autocast is not None and "recipe" in inspect.signature(autocast).parameters:
         return autocast(enabled=True, recipe=recipe)
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
-
-
-@contextlib.contextmanager
-def env_vars(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def machine_info() -> dict:
