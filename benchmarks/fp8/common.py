@@ -97,9 +97,9 @@ def machine_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                     sms=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30))
-    from megatron_dualpipe.fp8.env_check import installed_te_version
+    from megatron_dualpipe.te import te_version
 
-    info["transformer_engine"] = installed_te_version()
+    info["transformer_engine"] = te_version()
     try:
         import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
         import transformer_engine_torch as tex

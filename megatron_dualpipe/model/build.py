@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from megatron_dualpipe import te
 from megatron_dualpipe.config import Recipe
 from megatron_dualpipe.config.stage_split import megatron_layout
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
@@ -28,20 +29,12 @@ from megatron_dualpipe.schedules.spec import SPECS
 def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
     spec = recipe.model.spec
     if spec == "auto":
-        return device.type == "cuda" and _te_available()
-    if spec == "te" and not _te_available():
+        return device.type == "cuda" and te.te_available()
+    if spec == "te" and not te.te_available():
         raise UserError(
             "model.spec=te needs Transformer Engine (pip install 'megatron_dualpipe[gpu]')"
         )
     return spec == "te"
-
-
-def _te_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None):
