@@ -1,7 +1,7 @@
 """Overlapped F&B chunks for DualPipe/DualPipeV on Megatron-Core's schedule plans.
 
 With ``overlap=True`` the executor (`dualpipe.py`) hands every F, B and FB action of a training
-step to `FusedChunks`. A forward builds the chunk's `TransformerModelChunkSchedulePlan`
+step to `OverlapFB`. A forward builds the chunk's `TransformerModelChunkSchedulePlan`
 (``GPTModel.build_schedule_plan``, through ``forward_step_func(..., return_schedule_plan=True)``)
 and runs it; the plan is kept on the output tensor for the backward, as in Megatron's combined
 1F1B. An FB action runs the forward plan of (chunk c1, micro-batch m1) and the backward plan of
@@ -61,7 +61,7 @@ def _annotate(name: str):
     return contextlib.nullcontext()
 
 
-class FusedChunks:
+class OverlapFB:
     """Forward/backward of model chunks through schedule plans, for one `_Executor`."""
 
     num_fused = 0  # FB actions run as one plan in this process (tests, logs)
@@ -84,12 +84,12 @@ class FusedChunks:
         elif action.kind == "FB":
             name = f"{FB_ANNOTATION} F{action.chunk}.{action.microbatch}" \
                    f"&B{action.bwd_chunk}.{action.bwd_microbatch}"
-            FusedChunks.num_fused += 1
+            OverlapFB.num_fused += 1
             with _annotate(name):
                 self.step((action.chunk, action.microbatch),
                           (action.bwd_chunk, action.bwd_microbatch, False))
         else:
-            raise ValueError(f"FusedChunks cannot run a {action.kind} action")
+            raise ValueError(f"OverlapFB cannot run a {action.kind} action")
 
     def step(self, fwd: tuple[int, int] | None, bwd: tuple[int, int, bool] | None) -> None:
         """Forward of ``fwd=(chunk, mb)`` and/or backward of ``bwd=(chunk, mb, split_wgrad)``.
