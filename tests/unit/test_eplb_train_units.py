@@ -122,7 +122,7 @@ def test_planner_topology_and_expert_keys():
     from megatron_dualpipe.eplb.ckpt import is_expert_key
     from megatron_dualpipe.eplb.training import planner_topology
 
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_moe_cpu.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny_moe_cpu.yaml")
     assert planner_topology(recipe) == (4, 1)
     assert is_expert_key("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight")
     assert is_expert_key("decoder.layers.1.mlp.experts.experts.linear_fc2._extra_state")
