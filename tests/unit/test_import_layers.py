@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "profiling", "planning", "planning.*")),
     ("train loop", ("train", "checkpoint", "features")),
     ("entry points", ("__init__", "__main__", "cli", "launch", "plan", "in_process", "testing",
-                      "trace_analysis")),
+                      "trace", "trace.*", "trace_analysis")),
 ]
 
 
