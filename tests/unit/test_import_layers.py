@@ -20,12 +20,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "patches.cpu_tensor_types")),
     ("recipe", ("config", "config.*", "fp8.env_check", "fp8.overrides", "token_schedules")),
     ("components", ("schedules.*", "patches", "patches.*", "model", "model.*", "eplb", "eplb.*",
-                    "fp8", "fp8.*", "data", "distributed", "lr_scheduler", "metrics",
-                    "profiling", "planning", "planning.*")),
-    ("train loop", ("train", "checkpoint", "features")),
+                    "fp8", "fp8.*", "data", "data.*", "distributed", "console", "lr_scheduler",
+                    "metrics", "profiling", "planning", "planning.*")),
+    ("train loop", ("train", "checkpoint", "features", "evaluate")),
     ("entry points", ("__init__", "__main__", "cli", "launch", "plan", "in_process", "testing",
-                      "trace", "trace.*", "trace_analysis")),
+                      "trace", "trace.*", "trace_analysis", "catalogue", "plot")),
 ]
+
+# Known upward imports, to be removed (docs/architecture.md): the recipe rules check data
+# paths with the dataset module of data/.
+KNOWN_UPWARD = {("config.rules", "data.gpt_dataset")}
 
 
 def layer_of(name: str) -> int:
@@ -75,7 +79,7 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
         name = module_name(path)
         level = layer_of(name)
         for target in sorted(imported(ast.parse(path.read_text()))):
-            if layer_of(target) > level:
+            if layer_of(target) > level and (name, target) not in KNOWN_UPWARD:
                 upward.append(f"{name} ({LAYERS[level][0]}) imports {target} "
                               f"({LAYERS[layer_of(target)][0]})")
     assert not upward, "imports that run up a layer:\n" + "\n".join(upward)
