@@ -27,9 +27,9 @@ Timing: warm-up first, then CUDA events around each iteration and the median (GE
 proxy times whole optimizer steps (synchronized) and takes the median. Every GEMM path is also
 checked against an FP32 reference (relative error column).
 
-The code lives in benchmarks/fp8/ (common, harness, gemm, deepgemm, proxy, report); this
-script is the entry point. The single-process training harness that the GPU tests use is
-benchmarks/fp8/harness.py.
+The code lives in benchmarks/fp8/ (common, gemm, deepgemm, proxy, report); this script is
+the entry point. The single-process training harness (also used by the GPU tests) is
+megatron_dualpipe/in_process.py.
 """
 
 from __future__ import annotations

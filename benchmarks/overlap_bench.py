@@ -137,14 +137,14 @@ class Runner:
     def step(self, key: str, step: int) -> dict:
         from megatron_dualpipe import train as T
         from megatron_dualpipe.patches import revert_feature_patches
-        from megatron_dualpipe.schedules.overlap import cpu_record_stream_noop
+        from megatron_dualpipe.patches.record_stream import cpu_record_stream
 
         _, _, _, overlap_fb, ep_overlap = VARIANTS[key]
         # train_step enables overlap_fb on CUDA only; here the variant decides (also on CPU).
         T.forward_backward_func = partial(_fb_func, overlap_fb)
         self.state.config.overlap_moe_expert_parallel_comm = ep_overlap
         on_cpu = self.state.device.type == "cpu"  # plan nodes call Tensor.record_stream
-        with cpu_record_stream_noop() if on_cpu else nullcontext():
+        with cpu_record_stream() if on_cpu else nullcontext():
             record = T.train_step(self.state, self.source, step)
         revert_feature_patches()  # DualPipe's W split patches Megatron's linears while it runs
         return record

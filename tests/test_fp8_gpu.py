@@ -12,9 +12,7 @@ this test already differ by 0.13-0.28% per step). Per-step and 20-step-smoothed 
 printed beside it.
 With MDP_FP8_TEST_OUT=path.json both loss curves and the statistics are written there.
 
-Needs a Hopper GPU, CUDA >= 12.9 and Transformer Engine; skipped otherwise. The last test
-(no `gpu` mark) checks on CPU that the vectorized synthetic sampler used here reproduces
-`data.SyntheticTokens.sample` exactly.
+Needs a Hopper GPU, CUDA >= 12.9 and Transformer Engine; skipped otherwise.
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.fp8.harness import fast_synthetic_sample, run_training
 from megatron_dualpipe.fp8.accuracy import WINDOW, loss_comparison
+from megatron_dualpipe.in_process import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fp8_proxy_1gpu.yaml"
@@ -173,13 +171,3 @@ def test_only_decoder_gemms_run_in_fp8(runs):
     routers = [n for n, m in modules.items() if m["kind"] == "router"]
     assert routers and all(observed[n]["te_fp8"] is None for n in routers)
 
-
-def test_vectorized_sampler_matches_synthetic_tokens():
-    """CPU: the harness's fast sampler draws exactly `SyntheticTokens.sample`'s tokens."""
-    from megatron_dualpipe.data import SyntheticTokens
-
-    for vocab, seq, seed in ((32768, 2048, 1234), (256, 32, 7)):
-        tokens = SyntheticTokens(vocab, seq, seed)
-        fast = fast_synthetic_sample(tokens)
-        for index in (0, 1, 17, 999):
-            assert torch.equal(fast(index), tokens.sample(index))

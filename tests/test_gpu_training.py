@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.fp8.harness import run_training
+from megatron_dualpipe.in_process import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fp8_proxy_1gpu.yaml"

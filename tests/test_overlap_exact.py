@@ -57,7 +57,7 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
     from megatron_dualpipe.distributed import destroy_distributed
     from megatron_dualpipe.hooks import TrainHook
     from megatron_dualpipe.schedules import registry
-    from megatron_dualpipe.schedules.overlap import FusedChunks
+    from megatron_dualpipe.schedules.overlap import OverlapFB
     from megatron_dualpipe.schedules.te_wgrad import TEWeightGradDeferral
     from megatron_dualpipe.schedules.wgrad import WeightGradStore
 
@@ -83,7 +83,7 @@ def run_steps(overrides: list[str], num_steps: int, overlap: bool) -> dict:
                                       forward_step_func=partial(tagged_forward_step, log))
         steps.append({"loss": record["loss"], "microbatch_losses": sorted(log)})
     out = {"rank": dist.get_rank(), "steps": steps, "grads": captured.get("grads", {}),
-           "num_fused": FusedChunks.num_fused, "num_deferred": WeightGradStore.num_deferred,
+           "num_fused": OverlapFB.num_fused, "num_deferred": WeightGradStore.num_deferred,
            "num_te_deferred": TEWeightGradDeferral.num_deferred}
     destroy_distributed()
     return out

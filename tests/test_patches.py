@@ -1,14 +1,23 @@
-"""The CPU patches of Megatron-Core: each one target, version-guarded, reversible."""
+"""The patches table: each patch one target, version-guarded, reversible."""
 
 import importlib
 
 import pytest
 import torch
 
-from megatron_dualpipe.patches import apply_cpu_patches, cpu_patches, revert_cpu_patches
+from megatron_dualpipe.patches import (
+    PATCHES as TABLE,
+)
+from megatron_dualpipe.patches import (
+    apply_cpu_patches,
+    cpu_patches,
+    patches_of,
+    revert_cpu_patches,
+)
 from megatron_dualpipe.patches.base import Patch
 
 PATCHES = cpu_patches()
+ALL = [p for entry in TABLE for p in patches_of(entry.name)]
 
 
 def _ids(patch: Patch) -> str:
@@ -29,30 +38,43 @@ def _current(patch: Patch) -> dict:
 @pytest.fixture(autouse=True)
 def restore_patch_state():
     """Leave the patches as this test found them (training in this process may need them)."""
-    was_applied = {id(p): p.applied for p in PATCHES}
+    was_applied = {id(p): p.applied for p in ALL}
     yield
-    for patch in PATCHES:
+    for patch in ALL:
         if was_applied[id(patch)]:
             patch.apply()
         else:
             patch.revert()
 
 
+def test_the_table_lists_every_patch_file_with_a_condition():
+    from pathlib import Path
+
+    import megatron_dualpipe.patches as package
+
+    helpers = {"__init__", "base", "cpu_torch", "cpu_tensor_types", "export_diffs"}
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - helpers
+    assert files == {entry.name for entry in TABLE}
+    for entry in TABLE:
+        assert entry.condition in ("cpu-only", "cpu-only, scoped", "feature"), entry
+        assert all(p.name == entry.name for p in patches_of(entry.name)), entry
+    assert {p.name for p in PATCHES} == {
+        "cuda_calls", "rng_tracker", "alltoall_splits", "clip_grads",
+        "distrib_optimizer_init", "float16_optimizer_init"}
+
+
 def test_there_are_patches_and_each_names_its_target():
-    assert len(PATCHES) >= 6
-    names = {p.name for p in PATCHES}
-    assert {"cuda_calls", "rng_tracker", "alltoall_splits", "clip_grads",
-            "distrib_optimizer_init", "float16_optimizer_init"} <= names
-    for patch in PATCHES:
-        assert patch.module.startswith("megatron.core."), patch
+    for patch in ALL:
+        expected = "torch:" if patch.package == "torch" else "megatron.core."
+        assert patch.module.startswith(expected), patch
         assert patch.replacements, patch
-        # Every target exists in the installed Megatron-Core.
+        # Every target exists in the installed release.
         target = _target(patch)
         for attr in patch.replacements:
-            assert attr in vars(target), f"{patch.name}: {patch.module} has no {attr}"
+            assert hasattr(target, attr), f"{patch.name}: {patch.module} has no {attr}"
 
 
-@pytest.mark.parametrize("patch", PATCHES, ids=_ids)
+@pytest.mark.parametrize("patch", ALL, ids=_ids)
 def test_apply_changes_the_target_and_revert_restores_the_original_object(patch):
     patch.revert()
     original = _current(patch)
@@ -234,3 +256,19 @@ def test_pad_routing_map_patch_pads_a_copy_with_the_same_result():
         patch.revert()
     assert token_dispatcher.pad_routing_map is original
     patch.check_version()
+
+
+def test_record_stream_ignores_cpu_tensors_only_inside_the_block():
+    from megatron_dualpipe.patches.record_stream import cpu_record_stream
+
+    original = torch.Tensor.record_stream
+    t = torch.zeros(2)
+    with pytest.raises(Exception):
+        t.record_stream(None)  # the real method refuses a CPU tensor
+    with cpu_record_stream():
+        assert torch.Tensor.record_stream is not original
+        assert t.record_stream(None) is None
+        with cpu_record_stream():  # nested: the inner block leaves the patch on
+            pass
+        assert torch.Tensor.record_stream is not original
+    assert torch.Tensor.record_stream is original

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_dualpipe import te
 from megatron_dualpipe.config import parse_recipe
 from megatron_dualpipe.config import to_megatron as TM
 from megatron_dualpipe.config.validate_training import (
@@ -248,11 +249,11 @@ def test_recompute_maps_to_selective_recompute():
 
 def test_v3_recompute_maps_with_transformer_engine(monkeypatch):
     v3 = load_plan_recipe(V3)
-    monkeypatch.setattr(TM, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(te, "te_available", lambda: True)
     kw = TM.recompute_kwargs(v3, on_gpu=True)
     assert kw == {"recompute_granularity": "selective",
                   "recompute_modules": ["layernorm", "mla_up_proj"]}
-    monkeypatch.setattr(TM, "transformer_engine_available", lambda: False)
+    monkeypatch.setattr(te, "te_available", lambda: False)
     with pytest.raises(ValueError, match="model.recompute_modules: layernorm, mla_up_proj need "
                                          "Transformer Engine"):
         TM.recompute_kwargs(v3, on_gpu=True)
@@ -266,7 +267,7 @@ def test_moe_act_recompute_needs_grouped_gemm_on_gpu():
 
 def test_bf16_moments_map_to_the_precision_aware_optimizer(monkeypatch):
     v3 = load_plan_recipe(V3)
-    monkeypatch.setattr(TM, "te_fused_adam_available", lambda: True)
+    monkeypatch.setattr(te, "te_fused_adam_available", lambda: True)
     assert TM.moment_kwargs(v3) == {
         "use_precision_aware_optimizer": True, "main_params_dtype": torch.float32,
         "main_grads_dtype": torch.float32, "exp_avg_dtype": torch.bfloat16,
@@ -275,7 +276,7 @@ def test_bf16_moments_map_to_the_precision_aware_optimizer(monkeypatch):
 
 
 def test_bf16_moments_are_refused_without_transformer_engine():
-    if TM.te_fused_adam_available():
+    if te.te_fused_adam_available():
         pytest.skip("Transformer Engine is installed")
     r = recipe(ramp=None, optimizer__moment_dtype="bf16")
     with pytest.raises(ValueError, match="optimizer.moment_dtype=bf16 needs Transformer "

@@ -82,10 +82,10 @@ def test_every_v3_value_has_a_comment_and_the_model_cites_the_report():
 
 
 def test_v3_maps_onto_megatron(v3, monkeypatch):
-    from megatron_dualpipe.config import to_megatron
+    from megatron_dualpipe import te
 
     # V3's recompute (layernorm, mla_up_proj) needs Transformer Engine, as V3 itself does
-    monkeypatch.setattr(to_megatron, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(te, "te_available", lambda: True)
     kw = transformer_config_kwargs(v3, torch.device("cuda"))
     assert kw["num_layers"] == 61 and kw["multi_latent_attention"]
     assert kw["moe_layer_freq"] == [0] * 3 + [1] * 58

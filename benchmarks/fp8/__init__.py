@@ -1,1 +1,1 @@
-"""fp8_bench, by part: helpers, harness, GEMM / DeepGEMM / proxy workers, report."""
+"""fp8_bench, by part: helpers, GEMM / DeepGEMM / proxy workers, report."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -89,20 +88,6 @@ def te_autocast(recipe):
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
-@contextlib.contextmanager
-def env_vars(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def machine_info() -> dict:
     import torch
 
@@ -112,9 +97,9 @@ def machine_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                     sms=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30))
-    from megatron_dualpipe.fp8.env_check import installed_te_version
+    from megatron_dualpipe.te import te_version
 
-    info["transformer_engine"] = installed_te_version()
+    info["transformer_engine"] = te_version()
     try:
         import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
         import transformer_engine_torch as tex

@@ -6,12 +6,13 @@ from __future__ import annotations
 import inspect
 import traceback
 
+from megatron_dualpipe.in_process import env_vars
+
 from .common import (
     DENSE_SHAPES,
     FP8_RECIPES,
     GROUPED_SHAPES,
     _short,
-    env_vars,
     machine_info,
     rel_err,
     te_autocast,

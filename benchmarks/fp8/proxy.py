@@ -6,8 +6,9 @@ from __future__ import annotations
 import statistics
 import time
 
+from megatron_dualpipe.in_process import run_training
+
 from .common import ROOT, _short, machine_info
-from .harness import run_training
 
 PROXY_RECIPE = "recipes/fp8_proxy_1gpu.yaml"
 # DeepSeek-V3 layer shapes on one GPU: hidden 7168, dense FFN 18432, expert FFN 2048 (8 experts,

@@ -110,10 +110,10 @@ def memory_gb(device) -> float:
 
 def run(args) -> dict:
 
-    from benchmarks.fp8.harness import single_process_env
     from benchmarks.speed.flops import H200_BF16_DENSE_TFLOPS, training_flops_per_token
     from benchmarks.speed.systems import CachedBatches, set_fp8
     from megatron_dualpipe.distributed import resolve_device
+    from megatron_dualpipe.in_process import single_process_env
 
     single_process_env()
     names = [s for s in args.systems.split(",") if s]

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from megatron_dualpipe import te
 from megatron_dualpipe.config.dispatcher import dispatcher_kwargs
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.config.validate import num_physical_experts
@@ -109,14 +110,6 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
 DISCARDING_RECOMPUTE = ("layernorm", "mla_up_proj", "moe_act")
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     """`model.recompute_modules` -> Megatron's selective recompute (none when empty).
 
@@ -134,7 +127,7 @@ def recompute_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
             f"{allowed}, layernorm, mla_up_proj"
         )
     needs_te = [m for m in modules if m in DISCARDING_RECOMPUTE]
-    if needs_te and not transformer_engine_available():
+    if needs_te and not te.te_available():
         raise UserError(
             f"model.recompute_modules: {', '.join(needs_te)} need Transformer Engine (Megatron-"
             "Core 0.19's output-discarding checkpoint uses it even without FP8); allowed "
@@ -166,7 +159,7 @@ def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     needs_te = [f for f in FUSIONS if f in on
                 and not (f == "model.cross_entropy_fusion"
                          or (f == "model.rope_fusion" and recipe.model.attention == "mla"))]
-    if needs_te and not transformer_engine_available():
+    if needs_te and not te.te_available():
         raise UserError(
             f"{', '.join(needs_te)}: these fused kernels come from Transformer Engine, which is "
             "not installed; install it or set them to false"
@@ -230,15 +223,6 @@ def ddp_config(recipe: Recipe):
 MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def te_fused_adam_available() -> bool:
-    """Transformer Engine's FusedAdam (the only Adam with BF16 moments in Megatron-Core 0.19)."""
-    try:
-        from transformer_engine.pytorch.optimizers import FusedAdam  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def moment_kwargs(recipe: Recipe) -> dict[str, Any]:
     """`optimizer.moment_dtype` -> Megatron's precision-aware optimizer (fp32: nothing).
 
@@ -249,7 +233,7 @@ def moment_kwargs(recipe: Recipe) -> dict[str, Any]:
     o = recipe.optimizer
     if o.moment_dtype == "fp32":
         return {}
-    if not te_fused_adam_available():
+    if not te.te_fused_adam_available():
         raise UserError(
             f"optimizer.moment_dtype={o.moment_dtype} needs Transformer Engine's FusedAdam "
             "(Megatron-Core's precision-aware optimizer); the Torch Adam used without it keeps "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Validation samples are drawn from the same distribution, far past any training index.
@@ -24,16 +25,25 @@ class SyntheticTokens:
         self.seed = seed
         self.offset = offset
         self.successor = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
-        self._successor_list = self.successor.tolist()
+        self._successor = self.successor.numpy()
 
     def sample(self, index: int) -> torch.Tensor:
-        """Token ids [seq_length + 1] of sample `index`."""
+        """Token ids [seq_length + 1] of sample `index`.
+
+        Token 0 and every noisy position draw a random token; every other position follows
+        the successor map from the previous token. Vectorized: each position finds its last
+        random start and applies the successor map `distance` times.
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
         n = self.seq_length + 1
-        noise = (torch.rand(n, generator=g) < self.noise).tolist()
-        random_tokens = torch.randint(0, self.vocab_size, (n,), generator=g).tolist()
-        successor = self._successor_list
-        tokens = [random_tokens[0]]
-        for t in range(1, n):
-            tokens.append(random_tokens[t] if noise[t] else successor[tokens[-1]])
-        return torch.tensor(tokens, dtype=torch.long)
+        reset = (torch.rand(n, generator=g) < self.noise).numpy()
+        random_tokens = torch.randint(0, self.vocab_size, (n,), generator=g).numpy()
+        reset[0] = True
+        position = np.arange(n)
+        start = np.maximum.accumulate(np.where(reset, position, 0))
+        distance = position - start
+        tokens = random_tokens[start]
+        for k in range(int(distance.max())):
+            moving = distance > k
+            tokens[moving] = self._successor[tokens[moving]]
+        return torch.from_numpy(tokens)

@@ -40,55 +40,7 @@ from megatron_dualpipe.hooks import TrainHook
 def make_extension(recipe):
     """``(router_cls, hook)`` for a recipe with ``eplb.enabled``."""
     router_cls = make_router_class(recipe.moe.num_experts, recipe.moe.router_bias_init)
-    _install_spec_shim()
     return router_cls, EPLBHook(recipe)
-
-
-# --- Shim: Megatron-Core 0.19 MoE specs are functools.partial(MoELayer, submodules=...), which
-# `model/build.py:layer_specs` does not look into, so `router_cls` would be ignored. This wraps
-# it to set the router on every MoESubmodules of the returned specs (MTP included); it is a
-# no-op once build.py handles partial specs itself.
-def _install_spec_shim() -> None:
-    from megatron_dualpipe.model import build
-
-    original = build.layer_specs
-    if getattr(original, "eplb_router_shim", False):
-        return
-
-    def layer_specs(config, placement, use_te, router_cls=None):
-        block, mtp = original(config, placement, use_te, router_cls)
-        if router_cls is not None:
-            _set_router(block, router_cls, set())
-            _set_router(mtp, router_cls, set())
-        return block, mtp
-
-    layer_specs.eplb_router_shim = True
-    build.layer_specs = layer_specs
-
-
-def _set_router(spec, router_cls, seen: set) -> None:
-    import dataclasses
-    import functools
-
-    from megatron.core.transformer.moe.moe_layer import MoESubmodules
-
-    if spec is None or id(spec) in seen or isinstance(spec, (str, int, float, type)):
-        return
-    seen.add(id(spec))
-    if isinstance(spec, MoESubmodules):
-        spec.router = router_cls
-        return
-    if isinstance(spec, functools.partial):
-        children = list(spec.args) + list(spec.keywords.values())
-    elif isinstance(spec, (list, tuple)):
-        children = list(spec)
-    elif dataclasses.is_dataclass(spec):
-        children = [getattr(spec, f.name) for f in dataclasses.fields(spec)]
-    else:
-        children = [getattr(spec, "submodules", None)]
-    for child in children:
-        _set_router(child, router_cls, seen)
-# --- end shim ---
 
 
 class EPLBHook(TrainHook):

@@ -15,11 +15,10 @@ Nothing here imports Transformer Engine: its version is read from the installed 
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 from typing import TYPE_CHECKING
 
+from megatron_dualpipe import te
 from megatron_dualpipe.errors import UserError
 
 if TYPE_CHECKING:
@@ -53,19 +52,6 @@ _READ = object()  # sentinel: "read the real environment"
 # ---------------------------------------------------------------------------------------------
 # Probes of the real environment
 # ---------------------------------------------------------------------------------------------
-
-
-def installed_te_version() -> str | None:
-    """Transformer Engine's version from the installed distribution, None if not installed."""
-    if importlib.util.find_spec("transformer_engine") is None:
-        return None
-    for dist in ("transformer-engine", "transformer_engine", "transformer-engine-torch",
-                 "transformer-engine-cu13", "transformer-engine-cu12"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "0"  # importable but no metadata: treat as unknown/too old
 
 
 def device_capability(device=None) -> tuple[int, int] | None:
@@ -238,7 +224,7 @@ def fp8_environment_problems(
     if capability is _READ:
         capability = device_capability(device) if device_type == "cuda" else None
     if te_version is _READ:
-        te_version = installed_te_version()
+        te_version = te.te_version()
     if cuda_version is _READ:
         cuda_version = torch_cuda_version()
     need_cap = MIN_CAPABILITY[r]

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
 from megatron_dualpipe.fp8.overrides import is_bf16_override
+from megatron_dualpipe.te import fp8_state_manager
 
 TE_GEMM_CLASSES = {"Linear", "LayerNormLinear", "LayerNormMLP", "GroupedLinear", "BasicLinear"}
 LOCAL_GEMM_CLASSES = {"ColumnParallelLinear", "RowParallelLinear", "Linear", "Bilinear"}
@@ -206,14 +207,6 @@ def format_report(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fp8_state_manager():
-    try:
-        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-    except ImportError:
-        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
-    return FP8GlobalStateManager
-
-
 def observe_fp8_execution(model_chunks: Iterable, run: Callable[[], object],
                           report: dict | None = None) -> dict[str, dict]:
     """Run `run()` (e.g. a forward-only training step) with hooks on every reported module.
@@ -224,7 +217,7 @@ def observe_fp8_execution(model_chunks: Iterable, run: Callable[[], object],
     """
     chunks = [_unwrap(c) for c in model_chunks]
     report = report or fp8_module_report(chunks)
-    manager = _fp8_state_manager()
+    manager = fp8_state_manager()
     observed: dict[str, dict] = {}
     handles = []
     for i, chunk in enumerate(chunks):

@@ -7,8 +7,12 @@ layer-pattern model whose MoE path has no schedule-plan support in 0.19.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
+from megatron_dualpipe import te
 from megatron_dualpipe.config import Recipe
 from megatron_dualpipe.config.stage_split import megatron_layout
 from megatron_dualpipe.config.to_megatron import ddp_config, transformer_config
@@ -25,20 +29,12 @@ from megatron_dualpipe.schedules.spec import SPECS
 def use_transformer_engine(recipe: Recipe, device: torch.device) -> bool:
     spec = recipe.model.spec
     if spec == "auto":
-        return device.type == "cuda" and _te_available()
-    if spec == "te" and not _te_available():
+        return device.type == "cuda" and te.te_available()
+    if spec == "te" and not te.te_available():
         raise UserError(
             "model.spec=te needs Transformer Engine (pip install 'megatron_dualpipe[gpu]')"
         )
     return spec == "te"
-
-
-def _te_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None):
@@ -57,7 +53,6 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
         vp_stage=placement.vp_stage,
         pp_rank=placement.stage_rank,
     )
-    _set_router(block.layer_specs, router_cls)
     mtp = None
     if config.mtp_num_layers and placement.post_process:
         # Megatron's MTP layer copies the spec of the model's last decoder layer, which it
@@ -65,22 +60,41 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
         source = block
         if not block.layer_specs:
             last = get_gpt_decoder_layer_specs(config, use_te, normalization="RMSNorm")[-1:]
-            _set_router(last, router_cls)
             source = TransformerBlockSubmodules(layer_specs=last, layer_norm=block.layer_norm)
         mtp = get_gpt_mtp_block_spec(
             config, source, use_transformer_engine=use_te, vp_stage=placement.vp_stage,
             pp_rank=placement.stage_rank,
         )
+    if router_cls is not None:
+        set_router(block, router_cls, set())
+        set_router(mtp, router_cls, set())
     return block, mtp
 
 
-def _set_router(specs, router_cls) -> None:
-    if router_cls is None:
+def set_router(spec, router_cls, seen: set) -> None:
+    """Set `router_cls` on every `MoESubmodules` reachable from `spec`.
+
+    Megatron-Core 0.19's MoE specs are `functools.partial(MoELayer, submodules=...)` as well as
+    `ModuleSpec`s, so the walk looks into partials, lists and dataclasses.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+    if spec is None or id(spec) in seen or isinstance(spec, (str, int, float, type)):
         return
-    for layer_spec in specs:
-        mlp = layer_spec.submodules.mlp
-        if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
-            mlp.submodules.router = router_cls
+    seen.add(id(spec))
+    if isinstance(spec, MoESubmodules):
+        spec.router = router_cls
+        return
+    if isinstance(spec, functools.partial):
+        children = list(spec.args) + list(spec.keywords.values())
+    elif isinstance(spec, (list, tuple)):
+        children = list(spec)
+    elif dataclasses.is_dataclass(spec):
+        children = [getattr(spec, f.name) for f in dataclasses.fields(spec)]
+    else:
+        children = [getattr(spec, "submodules", None)]
+    for child in children:
+        set_router(child, router_cls, seen)
 
 
 def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_te: bool,

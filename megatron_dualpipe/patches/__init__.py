@@ -1,38 +1,86 @@
-"""The few places Megatron-Core must be patched.
+"""Every monkeypatch of the project, in one table (`PATCHES`).
 
-Each file holds one target; every patch is version-guarded (megatron-core 0.19.x) and
-reversible. The CPU patches (gloo) are applied only when CUDA is absent: `apply_cpu_patches()`
-applies them all, `revert_cpu_patches()` restores Megatron-Core as it was. Feature patches
-(`enable_*`) are applied by the features that need them; `revert_feature_patches()` undoes them.
+Each file of this folder patches one target, every patch is version-guarded (megatron-core
+0.19.x; `record_stream`: torch 2.x) and reversible. `PATCHES` says, per patch, what it replaces
+and when it is applied:
+
+* ``cpu-only``: Megatron-Core's CUDA assumptions, applied together by `apply_cpu_patches()`
+  when CUDA is absent (`revert_cpu_patches()` restores Megatron-Core as it was);
+* ``cpu-only, scoped``: applied on CPU only around one call (`record_stream`);
+* ``feature``: applied, on CPU and GPU, when a feature needs it (`enable_*`;
+  `revert_feature_patches()` undoes them).
+
+The same changes as unified diffs against Megatron-Core's source, for users who vendor
+Megatron-LM: `python -m megatron_dualpipe.patches.export_diffs patches/` (repository root).
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 import torch
 
-from megatron_dualpipe.patches import (
-    alltoall_splits,
-    clip_grads,
-    cuda_calls,
-    distrib_optimizer_init,
-    float16_optimizer_init,
-    rng_tracker,
-)
 from megatron_dualpipe.patches.base import Patch
 
-_PATCHES: list[Patch] = []
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One row of the table: the file `patches/<name>.py` and when its patches apply."""
+
+    name: str
+    target: str
+    condition: str  # "cpu-only", "cpu-only, scoped" or "feature"
+    applied_by: str
+
+    def make(self) -> list[Patch]:
+        module = importlib.import_module(f"megatron_dualpipe.patches.{self.name}")
+        if hasattr(module, "make_patches"):
+            return module.make_patches()
+        return [module.make_patch()]
+
+
+PATCHES: tuple[PatchEntry, ...] = (
+    PatchEntry("cuda_calls", "module-global `torch` of 46 megatron.core modules "
+               "(`cuda_calls.MODULES`)", "cpu-only", "apply_cpu_patches (train.setup)"),
+    PatchEntry("rng_tracker", "megatron.core.tensor_parallel.random._get_cuda_rng_state, "
+               "_set_cuda_rng_state", "cpu-only", "apply_cpu_patches (train.setup)"),
+    PatchEntry("alltoall_splits", "megatron.core.transformer.moe.token_dispatcher."
+               "maybe_move_tensor_to_cpu", "cpu-only", "apply_cpu_patches (train.setup)"),
+    PatchEntry("clip_grads", "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+               "cpu-only", "apply_cpu_patches (train.setup)"),
+    PatchEntry("distrib_optimizer_init", "megatron.core.optimizer.distrib_optimizer."
+               "DistributedOptimizer.__init__", "cpu-only", "apply_cpu_patches (train.setup)"),
+    PatchEntry("float16_optimizer_init", "megatron.core.optimizer.optimizer."
+               "Float16OptimizerWithFloat16Params.__init__", "cpu-only",
+               "apply_cpu_patches (train.setup)"),
+    PatchEntry("record_stream", "torch.Tensor.record_stream", "cpu-only, scoped",
+               "schedules/overlap.py, around an overlapped F&B plan on CPU"),
+    PatchEntry("deferred_wgrad_linear", "megatron.core.tensor_parallel.layers."
+               "linear_with_grad_accumulation_and_async_allreduce", "feature",
+               "enable_deferred_wgrad: DualPipe(V) with the zero-bubble W split, CPU and GPU"),
+    PatchEntry("forward_backward_func", "megatron.core.pipeline_parallel.schedules."
+               "get_forward_backward_func (and its imported bindings)", "feature",
+               "enable_schedule_selection: megatron_dualpipe.register()"),
+    PatchEntry("pad_routing_map", "megatron.core.transformer.moe.token_dispatcher."
+               "pad_routing_map", "feature",
+               "enable_routing_map_copy: GPU with moe.router_fusion (FP8 router padding)"),
+)
+
+ENTRIES = {entry.name: entry for entry in PATCHES}
+_MADE: dict[str, list[Patch]] = {}
+
+
+def patches_of(name: str) -> list[Patch]:
+    """The `Patch` objects of table entry `name`, created once (applying is idempotent)."""
+    if name not in _MADE:
+        _MADE[name] = ENTRIES[name].make()
+    return _MADE[name]
 
 
 def cpu_patches() -> list[Patch]:
-    """The CPU patches, created once (applying is idempotent)."""
-    if not _PATCHES:
-        _PATCHES.extend(cuda_calls.make_patches())
-        _PATCHES.append(rng_tracker.make_patch())
-        _PATCHES.append(alltoall_splits.make_patch())
-        _PATCHES.append(clip_grads.make_patch())
-        _PATCHES.append(distrib_optimizer_init.make_patch())
-        _PATCHES.append(float16_optimizer_init.make_patch())
-    return _PATCHES
+    """The patches `apply_cpu_patches()` applies, in table order."""
+    return [p for e in PATCHES if e.condition == "cpu-only" for p in patches_of(e.name)]
 
 
 def apply_cpu_patches(force: bool = False) -> bool:
@@ -44,44 +92,33 @@ def apply_cpu_patches(force: bool = False) -> bool:
     return True
 
 
-_FEATURE_PATCHES: dict[str, list[Patch]] = {}
+def revert_cpu_patches() -> None:
+    for patch in reversed(cpu_patches()):
+        patch.revert()
 
 
-def _feature(name: str, make) -> list[Patch]:
-    if name not in _FEATURE_PATCHES:
-        _FEATURE_PATCHES[name] = make()
-    for patch in _FEATURE_PATCHES[name]:
+def _enable(name: str) -> None:
+    for patch in patches_of(name):
         patch.apply()
-    return _FEATURE_PATCHES[name]
 
 
 def enable_deferred_wgrad() -> None:
     """Megatron linears defer their weight GEMM inside a DualPipe zero-bubble B (CPU and GPU)."""
-    from megatron_dualpipe.patches import deferred_wgrad_linear
-
-    _feature("deferred_wgrad_linear", lambda: [deferred_wgrad_linear.make_patch()])
+    _enable("deferred_wgrad_linear")
 
 
 def enable_schedule_selection() -> None:
     """Megatron's get_forward_backward_func() answers with the selected DualPipe schedule."""
-    from megatron_dualpipe.patches import forward_backward_func
-
-    _feature("forward_backward_func", forward_backward_func.make_patches)
+    _enable("forward_backward_func")
 
 
 def enable_routing_map_copy() -> None:
     """Router padding for FP8 pads a copy of the routing map (needed with the fused router)."""
-    from megatron_dualpipe.patches import pad_routing_map
-
-    _feature("pad_routing_map", lambda: [pad_routing_map.make_patch()])
+    _enable("pad_routing_map")
 
 
 def revert_feature_patches() -> None:
-    for patches in _FEATURE_PATCHES.values():
-        for patch in reversed(patches):
-            patch.revert()
-
-
-def revert_cpu_patches() -> None:
-    for patch in reversed(cpu_patches()):
-        patch.revert()
+    for entry in PATCHES:
+        if entry.condition == "feature" and entry.name in _MADE:
+            for patch in reversed(_MADE[entry.name]):
+                patch.revert()

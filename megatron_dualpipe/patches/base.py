@@ -17,17 +17,30 @@ def megatron_version() -> Version:
     return Version(package_info.__version__)
 
 
+def installed_version(package: str) -> Version:
+    """The version of `package` ("megatron-core" or "torch") as imported in this process."""
+    if package == "megatron-core":
+        return megatron_version()
+    if package == "torch":
+        import torch
+
+        return Version(torch.__version__.split("+")[0])
+    raise ValueError(f"no version probe for {package!r}")
+
+
 @dataclass
 class Patch:
-    """Replace attributes of one Megatron-Core module; `revert()` restores them.
+    """Replace attributes of one module (or class); `revert()` restores them.
 
     Args:
         name: short identifier, also the file name in `patches/`.
         module: dotted module path of the target, or `module:Class` for class attributes.
         replacements: attribute name -> factory returning the new value, given the original
             (or None when the attribute is absent).
-        min_version / max_version: the Megatron-Core range the patch was written and tested
+        min_version / max_version: the `package` range the patch was written and tested
             for (max exclusive); applying outside it raises `RuntimeError`.
+        package: whose version guards the patch ("megatron-core", or "torch" for the one
+            torch target).
     """
 
     name: str
@@ -35,6 +48,7 @@ class Patch:
     replacements: dict[str, Callable[[Any], Any]]
     min_version: str = "0.19.0"
     max_version: str = "0.20.0"
+    package: str = "megatron-core"
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -42,11 +56,12 @@ class Patch:
         return bool(self._saved)
 
     def check_version(self) -> None:
-        version = megatron_version()
+        version = installed_version(self.package)
         if not Version(self.min_version) <= version < Version(self.max_version):
             raise RuntimeError(
-                f"patch {self.name!r} targets megatron-core>={self.min_version},"
-                f"<{self.max_version} but {version} is installed; install megatron-core 0.19.x"
+                f"patch {self.name!r} targets {self.package}>={self.min_version},"
+                f"<{self.max_version} but {version} is installed; install {self.package} "
+                f">={self.min_version},<{self.max_version}"
             )
 
     def target(self):
@@ -60,9 +75,11 @@ class Patch:
         self.check_version()
         target = self.target()
         for attr, make in self.replacements.items():
-            original = getattr(target, attr, _MISSING)
-            self._saved[attr] = original
-            setattr(target, attr, make(None if original is _MISSING else original))
+            # Saved from the target's own namespace, so that reverting a method a class
+            # inherits (torch.Tensor.record_stream) deletes the override instead of copying it.
+            self._saved[attr] = vars(target).get(attr, _MISSING)
+            original = getattr(target, attr, None)
+            setattr(target, attr, make(original))
 
     def revert(self) -> None:
         if not self.applied:

@@ -79,12 +79,6 @@ def experts_per_rank(recipe: Recipe) -> int:
     return num_physical_experts(recipe) // recipe.parallel.ep
 
 
-def expert_slots(recipe: Recipe, ep_rank: int) -> range:
-    """Physical expert slots of `ep_rank`, before any EPLB re-placement."""
-    n = experts_per_rank(recipe)
-    return range(ep_rank * n, (ep_rank + 1) * n)
-
-
 def rank_coords(recipe: Recipe, rank: int) -> dict[str, int]:
     """Parallel coordinates of a global rank (Megatron's default `tp-cp-ep-dp-pp` order)."""
     p = recipe.parallel

@@ -90,9 +90,9 @@ class _Executor:
         # [overlap] F/B/FB through schedule plans (schedules/overlap.py)
         self.fused = None
         if overlap and not forward_only:
-            from megatron_dualpipe.schedules.overlap import FusedChunks
+            from megatron_dualpipe.schedules.overlap import OverlapFB
 
-            self.fused = FusedChunks(self)
+            self.fused = OverlapFB(self)
 
     # -- transport ---------------------------------------------------------------------
     def _peer(self, chunk: int, direction: str):

@@ -1,7 +1,7 @@
 """Overlapped F&B chunks for DualPipe/DualPipeV on Megatron-Core's schedule plans.
 
 With ``overlap=True`` the executor (`dualpipe.py`) hands every F, B and FB action of a training
-step to `FusedChunks`. A forward builds the chunk's `TransformerModelChunkSchedulePlan`
+step to `OverlapFB`. A forward builds the chunk's `TransformerModelChunkSchedulePlan`
 (``GPTModel.build_schedule_plan``, through ``forward_step_func(..., return_schedule_plan=True)``)
 and runs it; the plan is kept on the output tensor for the backward, as in Megatron's combined
 1F1B. An FB action runs the forward plan of (chunk c1, micro-batch m1) and the backward plan of
@@ -22,8 +22,8 @@ DualPipe).
 
 On CPU (gloo, our CUDA patches) streams and events are null objects and every node runs in
 program order, so the plan path runs sequentially; `Tensor.record_stream` (called by the plan
-nodes on CUDA tensors) is made a no-op for CPU tensors while a plan runs. Numerics are those
-of the unfused path (checked by tests/test_overlap_exact.py).
+nodes on CUDA tensors) is a no-op for CPU tensors while a plan runs (`patches/record_stream.py`).
+Numerics are those of the unfused path (checked by tests/test_overlap_exact.py).
 """
 
 from __future__ import annotations
@@ -32,27 +32,11 @@ import contextlib
 
 import torch
 
+from megatron_dualpipe.patches.record_stream import cpu_record_stream
 from megatron_dualpipe.schedules.p2p import ACT, GRAD
 from megatron_dualpipe.schedules.wgrad import WeightGradStore
 
 FB_ANNOTATION = "dualpipe.FB"  # profiler range of an overlapped F&B (trace --window dualpipe.FB)
-
-
-@contextlib.contextmanager
-def cpu_record_stream_noop():
-    """`Tensor.record_stream` ignores CPU tensors (the plan nodes call it with null streams)."""
-    original = torch.Tensor.record_stream
-
-    def record_stream(self, stream):
-        if self.is_cuda:
-            return original(self, stream)
-        return None
-
-    torch.Tensor.record_stream = record_stream
-    try:
-        yield
-    finally:
-        torch.Tensor.record_stream = original
 
 
 def keep_node_inputs(plan) -> None:
@@ -77,7 +61,7 @@ def _annotate(name: str):
     return contextlib.nullcontext()
 
 
-class FusedChunks:
+class OverlapFB:
     """Forward/backward of model chunks through schedule plans, for one `_Executor`."""
 
     num_fused = 0  # FB actions run as one plan in this process (tests, logs)
@@ -100,12 +84,12 @@ class FusedChunks:
         elif action.kind == "FB":
             name = f"{FB_ANNOTATION} F{action.chunk}.{action.microbatch}" \
                    f"&B{action.bwd_chunk}.{action.bwd_microbatch}"
-            FusedChunks.num_fused += 1
+            OverlapFB.num_fused += 1
             with _annotate(name):
                 self.step((action.chunk, action.microbatch),
                           (action.bwd_chunk, action.bwd_microbatch, False))
         else:
-            raise ValueError(f"FusedChunks cannot run a {action.kind} action")
+            raise ValueError(f"OverlapFB cannot run a {action.kind} action")
 
     def step(self, fwd: tuple[int, int] | None, bwd: tuple[int, int, bool] | None) -> None:
         """Forward of ``fwd=(chunk, mb)`` and/or backward of ``bwd=(chunk, mb, split_wgrad)``.
@@ -124,7 +108,7 @@ class FusedChunks:
             b_state = (b_input, b_output, b_grad)
         split = bwd is not None and bwd[2]
         with WeightGradStore.collect(enabled=split) as item, \
-                (cpu_record_stream_noop() if self.on_cpu else contextlib.nullcontext()):
+                (cpu_record_stream() if self.on_cpu else contextlib.nullcontext()):
             output, num_tokens, input_grad = self._fused(fwd, f_input, bwd, b_state)
         if split:
             ex.wgrads.push(item)

@@ -9,7 +9,7 @@ import pytest
 from benchmarks import fp8_bench
 from benchmarks.fp8 import proxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_variant_overrides_compose_precision_and_modifiers():

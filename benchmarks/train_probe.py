@@ -2,12 +2,12 @@
 """Diagnose a training configuration on one GPU: per-step losses and, after the first step,
 which parameters have non-finite gradients (`main_grad`) or values.
 
-    python scripts/gpu/train_probe.py --recipe recipes/fp8_proxy_1gpu.yaml --steps 4 \
+    python benchmarks/train_probe.py --recipe recipes/fp8_proxy_1gpu.yaml --steps 4 \
         --variant "1f1b=fp8.recipe=none" \
         --variant "dualpipev=fp8.recipe=none;parallel.schedule=dualpipev"
 
-Each --variant is NAME=OVERRIDE;OVERRIDE;... (recipe overrides as for `--set`). Uses the
-single-process harness of benchmarks/fp8/harness.py (world size 1).
+Each --variant is NAME=OVERRIDE;OVERRIDE;... (recipe overrides as for `--set`). Trains in this
+process (world size 1) with `megatron_dualpipe.in_process.run_training`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fp8.harness import run_training  # noqa: E402
+from megatron_dualpipe.in_process import run_training  # noqa: E402
 
 
 def nonfinite(state) -> dict:

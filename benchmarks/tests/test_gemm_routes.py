@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.fp8 import gemm_routes as G
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_writes_every_shape_without_importing_torch(tmp_path):

@@ -15,7 +15,7 @@ from benchmarks.speed.flops import core_attention_flops_fwd
 from benchmarks.speed.report import pairs, render
 from megatron_dualpipe.config import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_core_attention_flops_match_torch_flop_counter():

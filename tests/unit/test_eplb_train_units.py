@@ -122,7 +122,7 @@ def test_planner_topology_and_expert_keys():
     from megatron_dualpipe.eplb.ckpt import is_expert_key
     from megatron_dualpipe.eplb.training import planner_topology
 
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_moe_cpu.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny_moe_cpu.yaml")
     assert planner_topology(recipe) == (4, 1)
     assert is_expert_key("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight")
     assert is_expert_key("decoder.layers.1.mlp.experts.experts.linear_fc2._extra_state")
@@ -130,7 +130,7 @@ def test_planner_topology_and_expert_keys():
     assert not is_expert_key("decoder.layers.1.mlp.router.expert_bias")
 
 
-def test_router_shim_reaches_partial_moe_specs():
+def test_set_router_reaches_partial_moe_specs():
     import functools
 
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -142,12 +142,12 @@ def test_router_shim_reaches_partial_moe_specs():
     )
 
     from megatron_dualpipe.eplb.router import make_router_class
-    from megatron_dualpipe.eplb.training import _set_router
+    from megatron_dualpipe.model.build import set_router
 
     subs = MoESubmodules(experts=None)
     layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         mlp=functools.partial(MoELayer, submodules=subs)))
     block = TransformerBlockSubmodules(layer_specs=[layer])
     cls = make_router_class(8, 0.5)
-    _set_router(block, cls, set())
+    set_router(block, cls, set())
     assert subs.router is cls and cls.num_logical == 8 and cls.bias_init == 0.5

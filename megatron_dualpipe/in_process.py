@@ -1,47 +1,29 @@
-"""Single-process training harness of fp8_bench (also used by tests/test_fp8_gpu.py and
-tests/test_gpu_training.py): vectorized synthetic data, cached batches, `run_training`."""
+"""Training in this process (world size 1): `run_training` for benchmarks and the GPU tests.
+
+    result = run_training(recipe, steps=20)   # {"losses", "step_times_s", "max_memory_gb", ...}
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
 
-from .common import env_vars
 
-
-def fast_synthetic_sample(tokens):
-    """A vectorized `SyntheticTokens.sample`, bit-identical (same generator draws), ~1 ms for
-    4096 tokens instead of ~30 ms for the per-token Python loop."""
-    import numpy as np
-    import torch
-
-    successor = tokens.successor.numpy()
-
-    def sample(index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(tokens.seed * 1_000_003 + index)
-        n = tokens.seq_length + 1
-        reset = (torch.rand(n, generator=g) < tokens.noise).numpy()
-        random_tokens = torch.randint(0, tokens.vocab_size, (n,), generator=g).numpy()
-        reset[0] = True
-        pos = np.arange(n)
-        start = np.maximum.accumulate(np.where(reset, pos, 0))
-        distance = pos - start
-        out = random_tokens[start]
-        for k in range(int(distance.max())):
-            moving = distance > k
-            out[moving] = successor[out[moving]]
-        return torch.from_numpy(out)
-
-    return sample
-
-
-def use_fast_synthetic(source) -> None:
-    """Swap a synthetic source's sampler for the vectorized one (indexed data: unchanged)."""
-    from megatron_dualpipe.data import SyntheticTokens
-
-    if isinstance(source.tokens, SyntheticTokens):
-        source.tokens.sample = fast_synthetic_sample(source.tokens)
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """Set environment variables inside the block; restore (or remove) them after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cache_batches(source, steps) -> None:
@@ -79,7 +61,7 @@ def run_training(recipe, steps: int, *, cache: bool = False, after=None) -> dict
     """Train `recipe` for `steps` steps in this process (world size 1, the process group is
     kept for further runs; model parallel state is torn down at the end).
 
-    Checks the FP8 environment first, uses the vectorized synthetic sampler, times every step
+    Checks the FP8 environment first, times every step
     (synchronized). `after(state, source)` runs before teardown; its result is returned.
     Returns {"losses", "step_times_s", "max_memory_gb", "after"}.
     """
@@ -98,7 +80,6 @@ def run_training(recipe, steps: int, *, cache: bool = False, after=None) -> dict
                 torch.cuda.reset_peak_memory_stats()
             state = T.setup(recipe)
             source = make_source(recipe, 0, state.device)
-            use_fast_synthetic(source)
             if cache:
                 cache_batches(source, range(steps))
             losses, times = [], []

@@ -1,0 +1,92 @@
+"""Imports run down the layers of docs/architecture.md, never up.
+
+Every module of the package belongs to one layer (exact names before `folder.*` patterns); a
+module may import (at module level or inside a function) only modules of its own layer or
+below. A new module must be given a layer here and in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ast
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "megatron_dualpipe"
+
+# Lowest first. Names are relative to megatron_dualpipe.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("errors", "te", "hooks", "schedules", "schedules.spec", "eplb.placement",
+                    "eplb.placement.*", "patches.base", "patches.cpu_torch",
+                    "patches.cpu_tensor_types")),
+    ("recipe", ("config", "config.*", "fp8.env_check", "fp8.overrides", "token_schedules")),
+    ("components", ("schedules.*", "patches", "patches.*", "model", "model.*", "eplb", "eplb.*",
+                    "fp8", "fp8.*", "data", "data.*", "distributed", "console", "lr_scheduler",
+                    "metrics", "profiling", "planning", "planning.*")),
+    ("train loop", ("train", "checkpoint", "features", "evaluate")),
+    ("entry points", ("__init__", "__main__", "cli", "launch", "plan", "in_process", "testing",
+                      "trace", "trace.*", "trace_analysis", "catalogue", "plot")),
+]
+
+# Known upward imports, to be removed (docs/architecture.md): the recipe rules check data
+# paths with the dataset module of data/.
+KNOWN_UPWARD = {("config.rules", "data.gpt_dataset")}
+
+
+def layer_of(name: str) -> int:
+    for exact in (True, False):
+        for level, (_, patterns) in enumerate(LAYERS):
+            for pattern in patterns:
+                if ("*" in pattern) != exact and fnmatchcase(name, pattern):
+                    return level
+    raise AssertionError(f"megatron_dualpipe.{name} has no layer: add it to LAYERS and to "
+                         "docs/architecture.md")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def exists(name: str) -> bool:
+    base = PACKAGE.joinpath(*name.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def imported(tree: ast.AST) -> set[str]:
+    """Package modules a file imports (`from pkg import module` names the module)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("megatron_dualpipe."):
+                rel = name[len("megatron_dualpipe."):]
+                if exists(rel):
+                    found.add(rel)
+    # `from pkg.sub import module` counts as the module, not also as the package `pkg.sub`
+    return {n for n in found if not any(m.startswith(n + ".") for m in found)}
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        level = layer_of(name)
+        for target in sorted(imported(ast.parse(path.read_text()))):
+            if layer_of(target) > level and (name, target) not in KNOWN_UPWARD:
+                upward.append(f"{name} ({LAYERS[level][0]}) imports {target} "
+                              f"({LAYERS[layer_of(target)][0]})")
+    assert not upward, "imports that run up a layer:\n" + "\n".join(upward)
+
+
+def test_the_checker_sees_an_upward_import():
+    tree = ast.parse("from megatron_dualpipe import train\n")
+    assert imported(tree) == {"train"}
+    assert layer_of("train") > layer_of("config.schema")
+    assert layer_of("eplb.placement.planner") < layer_of("eplb.training")
