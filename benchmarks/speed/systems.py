@@ -158,14 +158,8 @@ class Ours:
         self.model = self.state.model
 
     def step(self, batches: CachedBatches, step: int) -> dict:
-        from megatron_dualpipe.patches import revert_feature_patches
-
         _sync(self.device)
         start = time.perf_counter()
         record = self._train.train_step(self.state, batches, step)
         _sync(self.device)
-        elapsed = time.perf_counter() - start
-        # The DualPipe zero-bubble split patches Megatron's own linears while it runs; undo it
-        # so that the other systems in this process run Megatron-Core unpatched.
-        revert_feature_patches()
-        return {"loss": record["loss"], "step_time_s": elapsed}
+        return {"loss": record["loss"], "step_time_s": time.perf_counter() - start}
