@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated, from {', '.join(SYSTEMS)}")
     p.add_argument("--precisions", default="bf16,fp8",
-                   help="bf16 and/or fp8 (the recipe's fp8.recipe, e.g. blockwise)")
+                   help="bf16, fp8 (the recipe's fp8.recipe, e.g. blockwise, and its "
+                   "fp8.bf16_modules) and fp8:GROUP[+GROUP] (these TE GEMMs stay BF16; "
+                   "GROUP: none, mla, shared)")
     p.add_argument("--warmup-steps", type=int, default=5,
                    help="consecutive steps per variant first (their times show the warm-up)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds after warm-up")
@@ -49,14 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# "+modifier" on an `ours_*` system: recipe overrides (e.g. ours_dualpipev+plain).
-MODIFIERS = {
-    "plain": ["parallel.overlap_fb=false", "parallel.zero_bubble=false"],
-    "nofuse": ["parallel.overlap_fb=false"],
-    "nozb": ["parallel.zero_bubble=false"],
-}
-
-
 def load(args, schedule: str, extra=()):
     from megatron_dualpipe.config import load_recipe
 
@@ -69,18 +63,28 @@ def load(args, schedule: str, extra=()):
 def build(args, name: str, device):
     """`mcore_1f1b`, or `ours_<schedule>[+modifier...]` with modifiers from MODIFIERS."""
     from benchmarks.speed.systems import MegatronCore, Ours
+    from benchmarks.speed.variants import MCORE_MODIFIERS, MODIFIERS
 
-    if name == "mcore_1f1b":
-        return MegatronCore(load(args, "1f1b"), device)
     base, *modifiers = name.split("+")
     schedule = base.removeprefix("ours_")
-    if not base.startswith("ours_") or schedule not in ("1f1b", "dualpipev") or any(
-            m not in MODIFIERS for m in modifiers):
-        raise SystemExit(f"--systems: unknown system {name!r}; allowed: mcore_1f1b, "
-                         f"ours_1f1b, ours_dualpipev, with +{', +'.join(MODIFIERS)}")
-    system = Ours(load(args, schedule, [o for m in modifiers for o in MODIFIERS[m]]), device)
+    allowed = MCORE_MODIFIERS if base == "mcore_1f1b" else MODIFIERS
+    if (base != "mcore_1f1b" and schedule not in ("1f1b", "dualpipev")) or any(
+            m not in allowed for m in modifiers):
+        raise SystemExit(f"--systems: unknown system {name!r}; allowed: mcore_1f1b[+"
+                         f"{'|+'.join(MCORE_MODIFIERS)}], ours_1f1b or ours_dualpipev with "
+                         f"+{', +'.join(MODIFIERS)}")
+    recipe = load(args, "1f1b" if base == "mcore_1f1b" else schedule,
+                  [o for m in modifiers for o in MODIFIERS[m]])
+    if "padcap" in modifiers and recipe.moe.topk != recipe.moe.num_experts:
+        raise SystemExit(f"--systems {name}: +padcap would drop tokens (moe.topk "
+                         f"{recipe.moe.topk} != moe.num_experts {recipe.moe.num_experts})")
+    system = (MegatronCore if base == "mcore_1f1b" else Ours)(recipe, device)
     system.name = name
     return system
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 def init_process_groups(device) -> None:
@@ -111,7 +115,8 @@ def memory_gb(device) -> float:
 def run(args) -> dict:
 
     from benchmarks.speed.flops import H200_BF16_DENSE_TFLOPS, training_flops_per_token
-    from benchmarks.speed.systems import CachedBatches, set_fp8
+    from benchmarks.speed.systems import CachedBatches
+    from benchmarks.speed.variants import precision_setting, runs_precision
     from megatron_dualpipe.distributed import resolve_device
     from megatron_dualpipe.in_process import single_process_env
 
@@ -122,17 +127,27 @@ def run(args) -> dict:
     device = resolve_device(base)
     if device.type == "cpu":
         precisions = [p for p in precisions if p == "bf16"]
+    if not precisions:
+        raise SystemExit("--precisions: nothing to run (the CPU runs bf16 only)")
     init_process_groups(device)
     fp8_format = base.fp8.format if base.fp8.recipe != "none" else None
-    if "fp8" in precisions and fp8_format is None:
+    if any(p.startswith("fp8") for p in precisions) and fp8_format is None:
         raise SystemExit("--precisions fp8 needs a recipe with fp8.recipe set")
-    systems, built_gb = {}, {}
+    settings = {p: precision_setting(p, fp8_format) for p in precisions}
+    systems, built_gb, errors = {}, {}, {}
     for name in names:  # build all first: the models live side by side
-        systems[name] = build(args, name, device)
+        try:
+            systems[name] = build(args, name, device)
+        except SystemExit:
+            raise
+        except Exception as err:  # a failing system is reported; the others still run
+            errors[name] = error_text(err)
+            print(f"[speed] {name} failed to build: {errors[name]}", flush=True)
+            continue
         built_gb[name] = memory_gb(device)
         print(f"[speed] built {name}: peak {built_gb[name]:.1f} GB", flush=True)
     batches = CachedBatches.from_recipe(base, device)
-    variants = [(n, p) for p in precisions for n in names]
+    variants = [(n, p) for p in precisions for n in systems if runs_precision(n, p)]
     times = {f"{n}/{p}": [] for n, p in variants}
     warmup = {f"{n}/{p}": [] for n, p in variants}
     losses = {f"{n}/{p}": [] for n, p in variants}
@@ -141,15 +156,28 @@ def run(args) -> dict:
     def go(name, precision, count, into):
         nonlocal step
         system = systems[name]
-        set_fp8(system.model, fp8_format if precision == "fp8" else None)
+        system.set_precision(*settings[precision])
         for _ in range(count):
             record = system.step(batches, step)
             into[f"{name}/{precision}"].append(record["step_time_s"])
             losses[f"{name}/{precision}"].append(record["loss"])
             step += 1
 
-    for name, precision in variants:
-        go(name, precision, args.warmup_steps, warmup)
+    for name, precision in list(variants):
+        try:
+            go(name, precision, args.warmup_steps, warmup)
+        except Exception as err:  # e.g. a kernel this variant needs: report, go on
+            errors[f"{name}/{precision}"] = error_text(err)
+            print(f"[speed] {name}/{precision} failed: {errors[f'{name}/{precision}']}",
+                  flush=True)
+            variants.remove((name, precision))
+            for table in (times, warmup, losses):
+                table.pop(f"{name}/{precision}")
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            continue
         print(f"[speed] warm-up {name}/{precision}: "
               + " ".join(f"{t * 1e3:.0f}" for t in warmup[f"{name}/{precision}"]) + " ms",
               flush=True)
@@ -160,7 +188,7 @@ def run(args) -> dict:
     profiles = {}
     if args.profile and device.type == "cuda":
         for name, precision in variants:
-            set_fp8(systems[name].model, fp8_format if precision == "fp8" else None)
+            systems[name].set_precision(*settings[precision])
             profiles[f"{name}/{precision}"] = profile_step(systems[name], batches, step)
             step += 1
     tokens = base.train.global_batch_size * base.model.seq_length
@@ -184,7 +212,7 @@ def run(args) -> dict:
             "overrides": [f"model.num_layers={args.layers}", *args.overrides],
             "tokens_per_step": tokens, "flops_per_step": flops, "peak_tflops": peak,
             "fp8_recipe": base.fp8.recipe, "rows": rows, "built_peak_gb": built_gb,
-            "peak_memory_gb": memory_gb(device), "rounds": args.rounds,
+            "peak_memory_gb": memory_gb(device), "rounds": args.rounds, "errors": errors,
             "steps_per_round": args.steps_per_round, "command": command_line()}
 
 

@@ -10,20 +10,36 @@ from benchmarks.docs_section import write_section
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+def _parts(key: str) -> tuple[str, list[str], str]:
+    system, precision = key.split("/")
+    base, *modifiers = system.split("+")
+    return base, modifiers, precision
+
+
+def _name(base: str, modifiers) -> str:
+    return "+".join([base, *modifiers])
+
+
 def pairs(keys) -> list[tuple[str, str, float]]:
     """(numerator, denominator, target) of the issue's targets among the variants present:
-    our 1F1B vs Megatron-Core, every DualPipeV variant vs our 1F1B, FP8 vs BF16 per system."""
+    our 1F1B vs Megatron-Core with the same recipe modifiers (any FP8 variant of ours against
+    its FP8), every DualPipeV variant vs our 1F1B with the same non-schedule modifiers, and
+    every FP8 variant vs BF16 per system."""
+    from benchmarks.speed.variants import MCORE_MODIFIERS, SCHEDULE_MODIFIERS
+
     out = []
     for key in keys:
-        system, precision = key.split("/")
-        if system == "ours_1f1b":
-            out.append((key, f"mcore_1f1b/{precision}", 0.98))
-        elif system.startswith("ours_dualpipev"):
-            out.append((key, f"ours_1f1b/{precision}", 0.98))
+        base, modifiers, precision = _parts(key)
+        if base == "ours_1f1b":
+            mcore = _name("mcore_1f1b", [m for m in modifiers if m in MCORE_MODIFIERS])
+            out.append((key, f"{mcore}/{precision.partition(':')[0]}", 0.98))
+        elif base == "ours_dualpipev":
+            ours = _name("ours_1f1b", [m for m in modifiers if m not in SCHEDULE_MODIFIERS])
+            out.append((key, f"{ours}/{precision}", 0.98))
     for key in keys:
-        system, precision = key.split("/")
-        if precision == "fp8":
-            out.append((key, f"{system}/bf16", 1.30))
+        base, modifiers, precision = _parts(key)
+        if precision.startswith("fp8"):
+            out.append((key, f"{_name(base, modifiers)}/bf16", 1.30))
     return [p for p in out if p[1] in keys]
 
 
@@ -56,6 +72,9 @@ def render(result: dict) -> str:
         verdict = "met" if median >= target else "missed"
         lines.append(f"| {a} over {b} | {median:.3f}x | {low:.3f}-{high:.3f} | "
                      f">= {target:.2f}x ({verdict}) |")
+    if result.get("errors"):
+        lines += ["", "Failed (the other variants ran):", ""]
+        lines += [f"- `{k}`: {v}" for k, v in result["errors"].items()]
     profiled = {k: r["profile"] for k, r in rows.items() if r.get("profile")}
     if profiled:
         categories = sorted({c for p in profiled.values() for c in p["kernels_ms"]},

@@ -72,6 +72,20 @@ def set_fp8(chunks, fp8_format: str | None) -> None:
             config.moe_router_padding_for_quantization = fp8_format is not None
 
 
+def set_bf16_modules(chunks, patterns) -> list[str]:
+    """Keep the TE GEMMs matching `patterns` in BF16 under FP8 from the next step, every other
+    TE GEMM back to the FP8 context (`fp8.bf16_modules` as `build_model` applies it, undone and
+    redone on the built model); returns the names kept in BF16."""
+    from megatron_dualpipe.fp8.overrides import apply_bf16_modules, matching_modules
+
+    names = []
+    for chunk in chunks:
+        for _, module in matching_modules(chunk, ["*"]):
+            module.finish_init(None)
+        names += apply_bf16_modules(chunk, patterns)
+    return names
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -115,6 +129,12 @@ class MegatronCore:
         self.config = config
         self.forward_backward = get_forward_backward_func()
 
+    def set_precision(self, fp8_format: str | None, bf16_patterns=()) -> None:
+        """BF16 or FP8 for the next steps; plain Megatron-Core has no per-module override."""
+        if bf16_patterns:
+            raise ValueError("plain Megatron-Core runs every TE GEMM in the FP8 context")
+        set_fp8(self.model, fp8_format)
+
     @staticmethod
     def _loss(loss_mask, output):
         losses = output.float().view(-1)
@@ -156,6 +176,14 @@ class Ours:
         self._train = train
         self.state = train.setup(recipe)
         self.model = self.state.model
+
+    def set_precision(self, fp8_format: str | None, bf16_patterns=None) -> None:
+        """BF16 or FP8 for the next steps; under FP8 the TE GEMMs matching `bf16_patterns`
+        (default: the recipe's `fp8.bf16_modules`) stay BF16."""
+        set_fp8(self.model, fp8_format)
+        if bf16_patterns is None:
+            bf16_patterns = self.recipe.fp8.bf16_modules
+        set_bf16_modules(self.model, bf16_patterns)
 
     def step(self, batches: CachedBatches, step: int) -> dict:
         _sync(self.device)

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.speed.flops import core_attention_flops_fwd
 from benchmarks.speed.report import pairs, render
+from benchmarks.speed.variants import BF16_GROUPS, precision_setting, runs_precision
 from megatron_dualpipe.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,10 +47,37 @@ def test_pairs_name_the_issue_targets():
     ]
 
 
+def test_pairs_match_modifiers_and_per_module_precisions():
+    keys = ["mcore_1f1b+padcap/bf16", "mcore_1f1b+padcap/fp8", "ours_1f1b+padcap+gaf/bf16",
+            "ours_1f1b+padcap+gaf/fp8:mla", "ours_dualpipev+padcap+gaf+plain/fp8:mla"]
+    assert pairs(keys) == [
+        ("ours_1f1b+padcap+gaf/bf16", "mcore_1f1b+padcap/bf16", 0.98),
+        ("ours_1f1b+padcap+gaf/fp8:mla", "mcore_1f1b+padcap/fp8", 0.98),
+        ("ours_dualpipev+padcap+gaf+plain/fp8:mla", "ours_1f1b+padcap+gaf/fp8:mla", 0.98),
+        ("mcore_1f1b+padcap/fp8", "mcore_1f1b+padcap/bf16", 1.30),
+        ("ours_1f1b+padcap+gaf/fp8:mla", "ours_1f1b+padcap+gaf/bf16", 1.30),
+    ]
+
+
+def test_precisions_name_their_bf16_modules():
+    assert precision_setting("bf16", "e4m3") == (None, None)
+    assert precision_setting("fp8", "e4m3") == ("e4m3", None)  # the recipe's bf16_modules
+    assert precision_setting("fp8:none", "e4m3") == ("e4m3", [])
+    assert precision_setting("fp8:mla+shared", "e4m3") == (
+        "e4m3", BF16_GROUPS["mla"] + BF16_GROUPS["shared"])
+    with pytest.raises(SystemExit, match="fp8:GROUP"):
+        precision_setting("fp8:attention", "e4m3")
+    assert runs_precision("mcore_1f1b+padcap", "fp8")
+    assert not runs_precision("mcore_1f1b", "fp8:mla")
+
+
 @pytest.mark.slow
 def test_tiny_run_of_every_system_in_one_process(tmp_path):
+    """Every system runs; +padcap (every token to every local expert) changes no loss."""
     out = tmp_path / "speed.json"
-    systems = "mcore_1f1b,ours_1f1b,ours_dualpipev,ours_dualpipev+plain"
+    # One warm-up step each, in this order: ours_1f1b runs step 1 and ours_1f1b+padcap step 3,
+    # the same cached batch (two batches, cycled), both from the recipe's initial weights.
+    systems = "mcore_1f1b,ours_1f1b,ours_dualpipev,ours_1f1b+padcap,ours_dualpipev+plain"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed", "--tiny", "--systems", systems,
          "--warmup-steps", "1", "--rounds", "2", "--steps-per-round", "1", "--json", str(out)],
@@ -61,5 +89,7 @@ def test_tiny_run_of_every_system_in_one_process(tmp_path):
     for row in rows.values():
         assert len(row["warmup_s"]) == 1 and row["step_s"] > 0
         assert all(loss == loss and 0 < loss < 10 for loss in row["losses"])  # finite
+    assert rows["ours_1f1b+padcap/bf16"]["losses"][0] == rows["ours_1f1b/bf16"]["losses"][0]
+    assert result["errors"] == {}
     table = render(result)
     assert "ours_1f1b/bf16 over mcore_1f1b/bf16" in table
