@@ -69,7 +69,8 @@ def set_fp8(chunks, fp8_format: str | None) -> None:
     for config in transformer_configs(chunks):
         config.fp8 = fp8_format
         if config.num_moe_experts:
-            config.moe_router_padding_for_quantization = fp8_format is not None
+            config.moe_router_padding_for_quantization = (
+                fp8_format is not None and not config.moe_pad_expert_input_to_capacity)
 
 
 def set_bf16_modules(chunks, patterns) -> list[str]:
