@@ -11,7 +11,8 @@ import ast
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "megatron_dualpipe"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "megatron_dualpipe"
 
 # Lowest first. Names are relative to megatron_dualpipe.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -91,3 +92,35 @@ def test_the_checker_sees_an_upward_import():
     assert imported(tree) == {"train"}
     assert layer_of("train") > layer_of("config.schema")
     assert layer_of("eplb.placement.planner") < layer_of("eplb.training")
+
+
+def uses_benchmarks(tree: ast.AST) -> bool:
+    """Imports `benchmarks` or names its folder (`ROOT / "benchmarks" / ...` runs a script)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if node.value == "benchmarks" else []
+        else:
+            continue
+        if any(n == "benchmarks" or n.startswith("benchmarks.") for n in names):
+            return True
+    return False
+
+
+def test_tests_use_nothing_from_benchmarks():
+    """Tests of a benchmark live next to it, in benchmarks/tests/ (this file names the folder
+    in its checks)."""
+    found = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "tests").rglob("*.py"))
+             if path != Path(__file__).resolve() and uses_benchmarks(ast.parse(path.read_text()))]
+    assert not found, "tests that import or run benchmarks/ code: " + ", ".join(found)
+
+
+def test_the_checker_sees_a_benchmarks_import():
+    for source in ("from benchmarks import overlap_bench\n", "import benchmarks.speed.flops\n",
+                   "from benchmarks.eplb_scenarios import apply\n",
+                   "script = ROOT / 'benchmarks' / 'calibrate_layer.py'\n"):
+        assert uses_benchmarks(ast.parse(source)), source
+    assert not uses_benchmarks(ast.parse("msg = 'see benchmarks/deepep/build_on_gpu.sh'\n"))
