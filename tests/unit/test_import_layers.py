@@ -87,6 +87,16 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
     assert not upward, "imports that run up a layer:\n" + "\n".join(upward)
 
 
+# Features join the loop through hooks.TrainHook; features.py is the one module that picks them.
+FEATURES = ("eplb", "eplb.*", "metrics", "profiling")
+
+
+def test_the_loop_and_the_checkpoint_import_no_feature():
+    for name in ("train", "checkpoint"):
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        found = sorted(t for t in imported(tree) if any(fnmatchcase(t, f) for f in FEATURES))
+        assert not found, f"{name}.py imports feature modules {found}: go through features.py"
+
 def test_the_checker_sees_an_upward_import():
     tree = ast.parse("from megatron_dualpipe import train\n")
     assert imported(tree) == {"train"}
