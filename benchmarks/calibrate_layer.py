@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.portable import command_line, portable  # noqa: E402
+
 V3 = ROOT / "recipes" / "deepseek_v3_671b_ep64_tp1_pp16_h800.yaml"
 # --tiny: the recipe's structure at toy sizes, fp32 on the CPU (Megatron-Core 0.19's MLA needs
 # CUDA, so multi-head attention).
@@ -262,8 +264,8 @@ def main(argv=None) -> int:
         "description": "per-part times of one expert-parallel rank (benchmarks/calibrate_layer.py)",
         "hardware": args.hardware,
         "machine": info,
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        "recipe": str(args.recipe),
+        "command": command_line(os.path.relpath(__file__, ROOT), sys.argv[1:]),
+        "recipe": portable(str(args.recipe)),
         "overrides": overrides,
         "precisions": precisions,
     }

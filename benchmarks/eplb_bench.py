@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing the
     sys.path.insert(0, str(REPO))
 
 from benchmarks.docs_section import write_section  # noqa: E402
+from benchmarks.portable import command_line  # noqa: E402
 
 NUM_LAYERS, NUM_EXPERTS, NUM_REPLICAS, NUM_GROUPS, NUM_NODES, NUM_GPUS = 58, 256, 320, 8, 8, 64
 TOKENS_PER_LAYER = 65536
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = bench_one(loads, policy, repeats, seed)
             print(f"{policy:6s} {name:22s} " + " ".join(
                 f"{k}={v:.4g}" for k, v in rows[name].items()), flush=True)
-    command = shlex.join(["python", "benchmarks/eplb_bench.py", *(argv or sys.argv[1:])])
+    command = command_line("benchmarks/eplb_bench.py", argv or sys.argv[1:])
     section = markdown(results, num_layers, command)
     print()
     print(section)

@@ -37,7 +37,6 @@ import gc
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.docs_section import write_section  # noqa: E402
 from benchmarks.eplb_scenarios import KINDS, Scenario, apply  # noqa: E402
+from benchmarks.portable import command_line  # noqa: E402
 
 MARK_START, MARK_END = "<!-- eplb_train_bench:start -->", "<!-- eplb_train_bench:end -->"
 VARIANTS = ("none", "bias", "eplb", "bias+eplb")
@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dualpipe.testing import run_distributed
 
     results = run_distributed(worker, args.nproc, (args,))[0]
-    command = shlex.join(["python", "benchmarks/eplb_train_bench.py",
-                          *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks/eplb_train_bench.py",
+                           argv if argv is not None else sys.argv[1:])
     section = markdown(results, args, command)
     print(section)
     if not args.no_write:

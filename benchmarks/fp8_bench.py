@@ -72,6 +72,7 @@ from benchmarks.fp8.report import (  # noqa: E402
     render,
     write_section,
 )
+from benchmarks.portable import command_line  # noqa: E402
 
 
 def _worker_cmd(args, part: str, variant: str | None = None) -> list[str]:
@@ -260,8 +261,7 @@ def main(argv=None) -> int:
         return 0
     if args.dry_run:
         return dry_run(args)
-    command = "python benchmarks/fp8_bench.py" + (
-        " " + shlex.join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    command = command_line("benchmarks/fp8_bench.py", sys.argv[1:] if argv is None else [])
     if args.from_json:
         results = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
         section = render(results, args, command)

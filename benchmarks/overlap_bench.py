@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_section import write_section  # noqa: E402
+from benchmarks.portable import command_line  # noqa: E402
 
 MARK_START, MARK_END = "<!-- overlap_bench:start -->", "<!-- overlap_bench:end -->"
 RECIPE = "recipes/deepseek_v3_rank_1gpu.yaml"
@@ -435,9 +436,9 @@ def main(argv=None) -> int:
         if "error" in runs[link]:
             print(f"  failed after {runs[link]['wall_s']} s: {runs[link]['error']} (log: "
                   f"{workdir}/{link}.log)", flush=True)
-    command = "python benchmarks/overlap_bench.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:])
-    section = render(runs, args, command.strip())
+    command = command_line("benchmarks/overlap_bench.py",
+                           argv if argv is not None else sys.argv[1:])
+    section = render(runs, args, command)
     print(section)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))

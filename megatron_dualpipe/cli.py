@@ -51,7 +51,10 @@ def _run_train(args) -> int:
     if launch.in_launched_job() and os.environ.get(LAUNCHER_PID_VAR):
         check_recipe(recipe, args.recipe, TRAIN_RULES)  # our launcher checked this machine
     else:
-        check_recipe(recipe, args.recipe, launch_rules(args.force))  # before any worker
+        from megatron_dualpipe.planning.fits import MEMORY_RULE
+
+        memory = None if args.force else MEMORY_RULE
+        check_recipe(recipe, args.recipe, launch_rules(memory))  # before any worker
     if not launch.in_launched_job():
         nproc = recipe.parallel.nproc_per_node or world_size(recipe) // recipe.parallel.num_nodes
         if recipe.parallel.num_nodes > 1:

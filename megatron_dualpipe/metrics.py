@@ -1,4 +1,4 @@
-"""Per-step progress lines and the metrics JSONL file."""
+"""Per-step progress lines and the metrics JSONL file; `MetricsHook` writes them for `train`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from megatron_dualpipe import console
+from megatron_dualpipe.hooks import TrainHook
 
 
 class MetricsLogger:
@@ -86,6 +89,22 @@ class MetricsLogger:
             return None, None
         per_step = seconds / (self._logged - 1)
         return tokens / seconds, per_step * (self.total_steps - record["step"] - 1)
+
+
+class MetricsHook(TrainHook):
+    """`train`'s metrics: one line per step (file, console, TensorBoard) and the end summary."""
+
+    def __init__(self, log_dir: str, total_steps: int, enabled: bool, resume_step: int = 0,
+                 tensorboard: bool = False):
+        self.logger = MetricsLogger(log_dir, total_steps, enabled, resume_step=resume_step,
+                                    tensorboard=tensorboard)
+
+    def on_record(self, state, record: dict) -> None:
+        self.logger.log(record)
+
+    def on_train_end(self, state) -> None:
+        console.flush_warnings()
+        console.say(console.summary(state.history, self.logger.path))
 
 
 def _free_name(path: Path) -> Path:

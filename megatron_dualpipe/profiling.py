@@ -12,6 +12,8 @@ so `python -m megatron_dualpipe trace` can report per step.
             train_step(...)
     profiler.close()   # exports if the profiled window was cut short
 
+`ProfilerHook` is the same as a `TrainHook` of the training loop (`features.run_hooks`).
+
 In recipes the field is ``train.profile_steps: "2:4"`` (quoted: YAML reads 2:4 as a number).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.hooks import TrainHook
 
 _SPEC_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -55,6 +58,7 @@ class StepProfiler:
         self.verbose = verbose
         self.rank = rank
         self._prof = None
+        self._annotation = None  # the open ProfilerStep#<step> record_function
         self.done = False
         self.steps: list[int] = []
 
@@ -71,16 +75,28 @@ class StepProfiler:
     @contextlib.contextmanager
     def step(self, step: int):
         """Run one training step; profiled (and annotated) if inside the window."""
+        self.begin(step)
+        yield
+        self.end(step)
+
+    def begin(self, step: int) -> None:
+        """Step `step` starts: start the profiler and the step's annotation if it is wanted."""
         if not self._wanted(step):
-            yield
             return
         if self._prof is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self._prof = torch.profiler.profile(activities=self._activities())
             self._prof.start()
-        with torch.profiler.record_function(f"ProfilerStep#{step}"):
-            yield
+        self._annotation = torch.profiler.record_function(f"ProfilerStep#{step}")
+        self._annotation.__enter__()
+
+    def end(self, step: int) -> None:
+        """Step `step` ended: close its annotation; export after the window's last step."""
+        if self._annotation is None:
+            return
+        annotation, self._annotation = self._annotation, None
+        annotation.__exit__(None, None, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.steps.append(step)
@@ -101,3 +117,19 @@ class StepProfiler:
                   f"traces in {self.path.parent} (python -m megatron_dualpipe trace "
                   f"{self.path})", flush=True)
         return self.path
+
+
+class ProfilerHook(TrainHook):
+    """`train.profile_steps` in the training loop: profiles steps [a, b) of `train`."""
+
+    def __init__(self, spec: str, log_dir: str | Path, rank: int, device: torch.device):
+        self.profiler = StepProfiler(spec, log_dir, rank, device)
+
+    def on_step_begin(self, state, step: int) -> None:
+        self.profiler.begin(step)
+
+    def on_step_end(self, state, record: dict) -> None:
+        self.profiler.end(record["step"])
+
+    def on_train_end(self, state) -> None:
+        self.profiler.close()

@@ -20,12 +20,10 @@ from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
 from megatron_dualpipe.data import make_sources
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
 from megatron_dualpipe.evaluate import evaluate, evaluation_due
-from megatron_dualpipe.features import extensions
+from megatron_dualpipe.features import extensions, run_hooks
 from megatron_dualpipe.lifetime import STOP
 from megatron_dualpipe.lr_scheduler import build_scheduler
-from megatron_dualpipe.metrics import MetricsLogger
 from megatron_dualpipe.model.build import build_model
-from megatron_dualpipe.profiling import StepProfiler
 from megatron_dualpipe.schedules.registry import forward_backward_func
 from megatron_dualpipe.schedules.spec import run_options
 from megatron_dualpipe.token_schedules import BatchSchedule, config_values, step_source
@@ -143,6 +141,9 @@ def train_step(state: TrainState, source, step: int, forward_only: bool = False,
     token-scheduled config values (MTP loss weight, router bias update rate) are set first.
     """
     recipe = state.recipe
+    if not forward_only:
+        for hook in state.hooks:
+            hook.on_step_begin(state, step)
     if state.batches is not None:
         source = step_source(source, state.batches, step)
     schedule_values = apply_config_schedules(state, step)
@@ -238,8 +239,8 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
             if rank == 0:
                 print(f"[megatron_dualpipe] {already_complete(recipe, state.step)}", flush=True)
             return state
-    logger = MetricsLogger(recipe.train.log_dir, recipe.train.steps, rank == 0,
-                           resume_step=state.step, tensorboard=recipe.train.tensorboard)
+    # the run's hooks: metrics (written by rank 0) and the profiler window (train.profile_steps)
+    state.hooks.extend(run_hooks(recipe, rank, state.device, resume_step=state.step))
     if rank == 0:
         for warning in state.warnings:
             print(f"[megatron_dualpipe] warning: {warning}", flush=True)
@@ -259,18 +260,16 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
         )
     console.say(f"step {state.step + 1} warms up (allocations, first calls): slower than the rest")
     last = recipe.train.steps if stop_after is None else min(recipe.train.steps, stop_after)
-    # [overlap] profiler window (train.profile_steps / --profile-steps), see profiling.py
-    profiler = StepProfiler(recipe.train.profile_steps, recipe.train.log_dir, rank, state.device)
     while state.step < last:
-        with profiler.step(state.step):
-            record = train_step(state, source, state.step)
+        record = train_step(state, source, state.step)
         record.pop("microbatch_losses")
         state.step += 1
         if evaluation_due(recipe.train, state.step):
             record["val_loss"] = evaluate(state, valid_source, forward_step)
         state.history.append(record)
         console.flush_warnings()
-        logger.log(record)
+        for hook in state.hooks:
+            hook.on_record(state, record)
         interval = recipe.train.save_interval
         state.stopped_by = STOP.check(state.device)  # SIGTERM/SIGUSR1 on any rank
         if recipe.train.ckpt_dir and (
@@ -282,9 +281,9 @@ def train(recipe: Recipe, stop_after: int | None = None) -> TrainState:
             if rank == 0:
                 print(f"[megatron_dualpipe] {stopped_message(state)}", flush=True)
             break
-    profiler.close()
+    for hook in state.hooks:
+        hook.on_train_end(state)
     console.flush_warnings()
-    console.say(console.summary(state.history, logger.path))
     return state
 
 

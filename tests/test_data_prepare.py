@@ -87,7 +87,7 @@ def test_prepare_bad_input_is_one_line_exit_2(tmp_path, capsys, case, args, mess
 
 
 def test_training_checks_the_dataset_before_launch(prepared, tmp_path):
-    from megatron_dualpipe.data.gpt_dataset import check_indexed_data
+    from megatron_dualpipe.config.data_files import check_indexed_data
 
     base = ["data.kind=indexed", f"data.path={prepared}"]
     check_indexed_data(load_recipe("recipes/tiny_moe_cpu.yaml", [*base, "model.vocab_size=300"]))

@@ -1,5 +1,5 @@
 """Rules about this machine, run by `train` before any worker: data files (config/rules.py),
-output directories and memory (config/preflight.py)."""
+output directories (config/preflight.py) and memory (planning/fits.py)."""
 
 import pytest
 
@@ -8,6 +8,7 @@ from megatron_dualpipe.cli import main
 from megatron_dualpipe.config import load_recipe
 from megatron_dualpipe.config import preflight as P
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.planning import fits as F
 from megatron_dualpipe.planning import make_plan
 
 TINY = "recipes/tiny_moe_cpu.yaml"
@@ -53,23 +54,23 @@ def test_output_dirs_are_tried(tmp_path, capsys, no_workers):
 
 def test_memory_estimate_is_plans(monkeypatch):
     recipe = load_recipe("recipes/deepseek_v3_proxy_8gpu.yaml")
-    ranks = P.estimate_gb(recipe)
+    ranks = F.estimate_gb(recipe)
     assert [round(r.total, 3) for r in ranks] == make_plan(recipe)["per_rank_memory_gb"]
 
 
 def test_memory_estimate_with_very_many_microbatches_is_quick_and_the_same():
     recipe = load_recipe(TINY)  # 4 micro-batches per step: below the cap (pp x 5 = 10)
     many = load_recipe(TINY, ["train.global_batch_size=4000000000000000000"])
-    assert [r.activations for r in P.estimate_gb(many)] == [
-        r.activations for r in P.estimate_gb(load_recipe(TINY, ["train.global_batch_size=64"]))]
-    assert P.estimate_gb(recipe)[0].activations <= P.estimate_gb(many)[0].activations
+    assert [r.activations for r in F.estimate_gb(many)] == [
+        r.activations for r in F.estimate_gb(load_recipe(TINY, ["train.global_batch_size=64"]))]
+    assert F.estimate_gb(recipe)[0].activations <= F.estimate_gb(many)[0].activations
 
 
 def test_memory_over_the_device_is_refused_with_the_biggest_items(monkeypatch, capsys,
                                                                   no_workers):
     monkeypatch.setattr(P, "device_memory_gb", lambda recipe: ("GPU", 80.0))
     line = train_error(capsys, "moe.num_experts=1000000", "moe.ffn_hidden_size=4096")
-    worst = max(P.estimate_gb(load_recipe(TINY, ["moe.num_experts=1000000",
+    worst = max(F.estimate_gb(load_recipe(TINY, ["moe.num_experts=1000000",
                                                  "moe.ffn_hidden_size=4096"])),
                 key=lambda r: r.total)
     assert line.startswith(f"estimated memory too large for this machine: pipeline rank "
@@ -84,8 +85,8 @@ def test_memory_over_the_device_is_refused_with_the_biggest_items(monkeypatch, c
 def test_cpu_counts_every_process_of_the_node(monkeypatch):
     monkeypatch.setattr(P, "device_memory_gb", lambda recipe: ("host", 1e-9))
     recipe = load_recipe(TINY)
-    total = sum(r.total for r in P.estimate_gb(recipe)) * 2  # 4 processes, 2 per pp rank
+    total = sum(r.total for r in F.estimate_gb(recipe)) * 2  # 4 processes, 2 per pp rank
     with pytest.raises(UserError, match=f"4 processes need {total:.3g} GB"):
-        P.check_memory(recipe)
+        F.check_memory(recipe)
     monkeypatch.setattr(P, "device_memory_gb", lambda recipe: None)  # unknown: no check
-    P.check_memory(recipe)
+    F.check_memory(recipe)

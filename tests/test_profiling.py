@@ -66,6 +66,32 @@ def test_step_profiler_cut_short_and_disabled(tmp_path):
     assert off.close() is None and not (tmp_path / "b").exists()
 
 
+
+def test_profiler_hook_profiles_the_window_of_the_loop(tmp_path, capsys):
+    """What `train` does with `ProfilerHook`: on_step_begin/on_step_end around each step
+    (on_step_end sees the step's record), on_train_end after the loop."""
+    from megatron_dualpipe.profiling import ProfilerHook
+
+    hook = ProfilerHook("1:3", tmp_path, rank=0, device=torch.device("cpu"))
+    for step in range(4):
+        hook.on_step_begin(None, step)
+        _work()
+        hook.on_step_end(None, {"step": step})
+        assert hook.profiler.path.exists() == (step >= 2)
+    hook.on_train_end(None)
+    steps = [s["step"] for s in trace_analysis.analyze(hook.profiler.path)["steps"]]
+    assert steps == [1, 2]
+    assert "profiled steps 1..2" in capsys.readouterr().out
+
+    cut = ProfilerHook("1:10", tmp_path / "cut", rank=0, device=torch.device("cpu"))
+    for step in range(2):
+        cut.on_step_begin(None, step)
+        _work()
+        cut.on_step_end(None, {"step": step})
+    assert not cut.profiler.path.exists()
+    cut.on_train_end(None)  # the window was cut short: export what was profiled
+    assert [s["step"] for s in trace_analysis.analyze(cut.profiler.path)["steps"]] == [1]
+
 @pytest.mark.slow
 def test_train_writes_traces_per_rank(tmp_path):
     log_dir = tmp_path / "run"

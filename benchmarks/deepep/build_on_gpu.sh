@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# Build DeepEP (intranode kernels only: NVLink, no NVSHMEM, no RDMA) on the GPU machine from a
-# source tarball carried in the checkout, install it under .deepep/site, and run DeepEP's own
-# intranode test on 2 GPUs.
+# Build DeepEP (intranode kernels only: NVLink, no NVSHMEM, no RDMA) on a GPU machine from a
+# source tarball under .deepep/, install it under .deepep/site, and run DeepEP's own intranode
+# test on 2 GPUs. Needs nvcc, torch with CUDA and 2 GPUs; no network (a machine without one can
+# take the tarball along in the ignored folder .deepep/). Make the tarball where git can reach
+# GitHub:
 #
-# The GPU machine has no network, so the sources travel with the checkout in the ignored folder
-# .deepep/. Produce the tarball on a machine with the `fetch` tool (github:deepseek-ai/DeepEP,
-# mirrored at /work/.mirror/deepseek-ai+DeepEP/repo):
-#
-#   mkdir -p .deepep && git -C /work/.mirror/deepseek-ai+DeepEP/repo archive --format=tar.gz \
-#       --prefix=DeepEP/ -o "$PWD/.deepep/DeepEP-567632d.tar.gz" 567632d
+#   git clone https://github.com/deepseek-ai/DeepEP /tmp/DeepEP && mkdir -p .deepep && \
+#     git -C /tmp/DeepEP archive --format=tar.gz --prefix=DeepEP/ \
+#       -o "$PWD/.deepep/DeepEP-567632d.tar.gz" 567632d
 #
 # Why commit 567632d (the last one before "EPv2", #605; version 1.2.1 plus fixes): Megatron-Core
 # 0.19's flex dispatcher (megatron/core/transformer/moe/fused_a2a.py) calls the v1 API
@@ -20,17 +19,59 @@
 # `nvidia.nvshmem` imports (torch's CUDA wheels pull in nvidia-nvshmem-cu13), so this script
 # patches it to honour DEEPEP_INTRANODE_ONLY=1 (the default here).
 #
-# Then, in a device call with the `.deepep` folder carried (run(carry=[".deepep"], ...)):
+# From the repository root:
 #
 #   bash benchmarks/deepep/build_on_gpu.sh            # build (~4-6 min with 32 cores) + test
 #   PARTS=build bash benchmarks/deepep/build_on_gpu.sh  # build only; PARTS=test: test only
 #   bash benchmarks/deepep/build_on_gpu.sh --check    # CPU: unpack + patch + print the plan
+#   export PYTHONPATH=$PWD/.deepep/site${PYTHONPATH:+:$PYTHONPATH}   # then deep_ep imports
 #
-# Later calls on the same warm machine reuse .deepep/site (ignored build outputs stay);
-# scripts/gpu/common.sh puts it on PYTHONPATH. Logs: $OUT/deepep_build.log, deepep_test.log.
-# Exit status: non-zero if the build, the import or the test failed.
+# A second run reuses .deepep/site (DEEPEP_REBUILD=1 rebuilds). Logs go to $OUT (default
+# .deepep/logs): deepep_build.log, deepep_test.log. Exit status: non-zero if the build, the
+# import or the test failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 SESSION=deepep_build
-source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/gpu/common.sh"
+OUT="${OUT:-$PWD/.deepep/logs}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+# DeepEP's intranode test needs no NVLink SHARP (multicast): keep NCCL and torch off it.
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+status=0
+
+log() { echo "[$SESSION +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/$SESSION.log"; }
+
+# GPUs, torch/CUDA and the versions of the given distributions, into the log.
+versions() {
+  log "GPUs: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    2>&1 | tr '\n' ' ')"
+  "$PY" - "$@" <<'PY' 2>&1 | tee -a "$OUT/$SESSION.log"
+import importlib.metadata as md, sys, torch
+def v(d):
+    try:
+        return md.version(d)
+    except md.PackageNotFoundError:
+        return "MISSING"
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+for d in sys.argv[1:]:
+    print(d, v(d))
+PY
+}
+
+# run_part NAME TIMEOUT_S LOG_FILE CMD...: CMD under a timeout, output to $OUT/LOG_FILE; a
+# failure sets status=1.
+run_part() {
+  local name=$1 limit=$2 file=$3; shift 3
+  local t=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$file"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && status=1
+  log "$name: exit $rc after $(( $(date +%s) - t )) s"
+}
+
 TARBALL="${DEEPEP_TARBALL:-$(ls .deepep/DeepEP-*.tar.gz 2>/dev/null | head -1)}"
 SRC="${DEEPEP_SRC:-/tmp/deepep_src}"
 SITE="$PWD/.deepep/site"

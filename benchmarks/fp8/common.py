@@ -10,6 +10,8 @@ import platform
 import statistics
 from pathlib import Path
 
+from ..portable import portable
+
 ROOT = Path(__file__).resolve().parents[2]
 
 RESULT_TAG = "FP8_BENCH_RESULT "
@@ -56,7 +58,7 @@ def rel_err(out, ref) -> float:
 
 
 def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".replace("\n", " ").replace("|", "/")
+    text = portable(f"{type(err).__name__}: {err}").replace("\n", " ").replace("|", "/")
     return text if len(text) <= 160 else text[:157] + "..."
 
 

@@ -1,6 +1,6 @@
 """Blockwise-scaled FP8 GEMM routes at DeepSeek-V3's per-GPU shapes, on one Hopper GPU.
 
-    python -m benchmarks.fp8.gemm_routes --out $OUT/gemm_routes.json [--dry-run]
+    python -m benchmarks.fp8.gemm_routes --out runs/gemm_routes.json [--dry-run]
 
 Routes (each in its own try/except: a failing route records its exact error, the others run):
   bf16               torch.matmul / torch._grouped_mm

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from megatron_dualpipe.config import preflight as P
 from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config import validate_training as T
+from megatron_dualpipe.config.data_files import check_indexed_data
 from megatron_dualpipe.config.dispatcher import check_dispatcher, check_dispatcher_installed
 from megatron_dualpipe.errors import UserError
 
@@ -54,13 +55,6 @@ RECIPE_RULES: list[Rule] = [
     Rule(V.check_fusions),
 ]
 
-def check_data(recipe: Recipe) -> None:
-    """Indexed data: the .bin/.idx files exist and their tokenizer fits `model.vocab_size`."""
-    from megatron_dualpipe.data.gpt_dataset import check_indexed_data  # imports config
-
-    check_indexed_data(recipe)
-
-
 # Rules only `train` enforces (`plan` reports them as warnings instead).
 TRAIN_RULES: list[Rule] = [
     Rule(refuse_unsupported),
@@ -69,21 +63,22 @@ TRAIN_RULES: list[Rule] = [
     Rule(T.check_recompute),
     Rule(T.check_batch_ramp),
     Rule(check_dispatcher_installed),
-    Rule(check_data),
+    Rule(check_indexed_data),
 ]
 
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]
 
-# Rules about this machine: output directories, memory against the device
-# (config/preflight.py). `train` runs them before it starts workers; `--force` skips the memory
-# rule.
-MEMORY_RULE = Rule(P.check_memory)
-MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs), MEMORY_RULE]
+# Rules about this machine (config/preflight.py); `train` runs them before it starts workers.
+MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs)]
 
 
-def launch_rules(force: bool = False) -> list[Rule]:
-    """What `train` checks before any worker starts (after the schema and `RECIPE_RULES`)."""
-    return [*TRAIN_RULES, *(r for r in MACHINE_RULES if not (force and r is MEMORY_RULE))]
+def launch_rules(memory: Rule | None = None) -> list[Rule]:
+    """What `train` checks before any worker starts (after the schema and `RECIPE_RULES`).
+
+    `memory` is the memory estimate against the device (`planning.fits.MEMORY_RULE`, built on
+    `plan`'s model, a layer above config): the launcher passes it unless `train --force`.
+    """
+    return [*TRAIN_RULES, *MACHINE_RULES, *([memory] if memory is not None else [])]
 
 
 def check_recipe(recipe: Recipe, source: str | None = None,

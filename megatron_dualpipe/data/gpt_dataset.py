@@ -3,51 +3,20 @@
 `data.path` is one prefix or a blend (Megatron's `--data-path` list: prefixes, or
 alternating weight and prefix); `data.split` divides every dataset's documents into train,
 validation and test ("969,30,1"). Megatron-Core builds the sample and shuffle indices (cached
-under `<dataset dir>/cache/`, built by rank 0 first) and the blend.
+under `<dataset dir>/cache/`, built by rank 0 first) and the blend. The files are checked before
+launch by `config/data_files.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from megatron_dualpipe.data.tokenize import eod_id, load_tokenizer, tokenizer_path, vocab_size
+from megatron_dualpipe.config.data_files import blend
+from megatron_dualpipe.data.tokenize import eod_id
 from megatron_dualpipe.errors import UserError
-
-
-def blend(path: str | list) -> tuple[list[str], list[float] | None]:
-    """(prefixes, weights or None) of `data.path`."""
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    items = [path] if isinstance(path, str) else [str(p) for p in path]
-    return get_blend_from_list(items)
-
-
-def check_indexed_data(recipe) -> None:
-    """Before launch: every prefix has its .bin/.idx, and the tokenizer saved beside it (if
-    any) fits `model.vocab_size`. Raises `UserError`."""
-    d = recipe.data
-    if d.kind != "indexed":
-        return
-    if not d.path:
-        raise UserError("data.kind=indexed needs data.path (a prefix of a .bin/.idx pair made by "
-                        "`python -m megatron_dualpipe data prepare`, or a blend list)")
-    prefixes, _ = blend(d.path)
-    for prefix in prefixes:
-        missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
-        if missing:
-            raise UserError(f"data.path: {prefix}{'/'.join(missing)} not found (make it with "
-                            "`python -m megatron_dualpipe data prepare --output-prefix "
-                            f"{prefix} ...`)")
-        saved = tokenizer_path(prefix)
-        if saved.is_file():
-            size = vocab_size(load_tokenizer(saved, what="data.path tokenizer"))
-            if size > recipe.model.vocab_size:
-                raise UserError(f"data.path {prefix}: its tokenizer ({saved}) has {size} ids but "
-                                f"model.vocab_size={recipe.model.vocab_size}; set "
-                                f"model.vocab_size >= {size}")
+from megatron_dualpipe.tokenizer_files import load_tokenizer, tokenizer_path
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from megatron_dualpipe.data import tokenize
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.tokenizer_files import load_tokenizer, tokenizer_path, vocab_size
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = args.output_prefix
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     if args.tokenizer:
-        tokenizer = tokenize.load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         eod = tokenize.eod_id(tokenizer, args.eod_token)
     else:
         tokenize.check_trainable(args.vocab_size)
@@ -65,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = tokenize.train_bpe(
             (text for text, _ in iter_documents(files, args.json_key)), args.vocab_size)
         eod = tokenize.eod_id(tokenizer, tokenize.TRAINED_EOD)
-    vocab = tokenize.vocab_size(tokenizer)
+    vocab = vocab_size(tokenizer)
     docs, tokens = write_dataset(files, args.json_key, tokenizer, eod if args.append_eod else None,
                                  prefix, args.workers)
     if docs == 0:
         _remove_outputs(prefix)
         raise UserError(f"--input {' '.join(args.input)}: empty corpus (no non-empty document)")
-    saved = tokenize.tokenizer_path(prefix)
+    saved = tokenizer_path(prefix)
     if args.tokenizer:
         shutil.copyfile(args.tokenizer, saved)
     else:
@@ -179,7 +180,7 @@ def write_dataset(files, json_key: str, tokenizer, eod: int | None, prefix: str,
     import numpy as np
     from tqdm import tqdm
 
-    builder_cls, dtype = _builder(tokenize.vocab_size(tokenizer))
+    builder_cls, dtype = _builder(vocab_size(tokenizer))
     builder = builder_cls(f"{prefix}.bin", dtype=dtype)
     docs = tokens = nbytes = 0
     start = time.perf_counter()

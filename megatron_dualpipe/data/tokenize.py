@@ -1,53 +1,21 @@
 """Tokenizers for `data prepare`: a local Hugging Face `tokenizer.json`, or a byte-level BPE
 trained on the corpus itself (no model hub needed).
 
-Whatever was used is saved beside the dataset as `<prefix>.tokenizer.json`, so training can
-check its vocabulary against `model.vocab_size`.
+Whatever was used is saved beside the dataset as `<prefix>.tokenizer.json`
+(`tokenizer_files.py`), so training can check its vocabulary against `model.vocab_size`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.tokenizer_files import tokenizers_library
 
 # End-of-document token names, in the order they are looked for in a given tokenizer.
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
 TRAINED_EOD = "<|endoftext|>"
 MIN_TRAINED_VOCAB = 257  # the 256 byte tokens + end-of-document
-
-
-def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise UserError("reading or training a tokenizer needs the tokenizers library: pip install "
-                        "tokenizers (scripts/install.sh installs it)") from None
-    return tokenizers
-
-
-def tokenizer_path(prefix: str) -> Path:
-    """Where the dataset with output prefix `prefix` keeps its tokenizer."""
-    return Path(f"{prefix}.tokenizer.json")
-
-
-def load_tokenizer(path: str | Path, what: str = "--tokenizer"):
-    """A `tokenizers.Tokenizer` from a local tokenizer.json file."""
-    tokenizers = _tokenizers()
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{what} {path}: no such file (a Hugging Face tokenizer.json)")
-    try:
-        return tokenizers.Tokenizer.from_file(str(file))
-    except Exception as exc:  # the library raises its own exception type
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{what} {path}: not a Hugging Face tokenizer.json ({first})") from None
-
-
-def vocab_size(tokenizer) -> int:
-    """Number of token ids, added special tokens included."""
-    return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 def eod_id(tokenizer, name: str | None = None, what: str = "--tokenizer") -> int:
@@ -73,7 +41,7 @@ def check_trainable(size: int) -> None:
 def train_bpe(texts: Iterable[str], size: int):
     """A byte-level BPE with `size` ids (id 0: end-of-document) trained on `texts`."""
     check_trainable(size)
-    tokenizers = _tokenizers()
+    tokenizers = tokenizers_library()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tokenizer = tokenizers.Tokenizer(models.BPE())

@@ -1,4 +1,5 @@
-"""Test-suite setup: `gpu` tests are skipped without CUDA; `slow` is only a marker.
+"""Test-suite setup of tests/ and benchmarks/tests/: `gpu` tests are skipped without CUDA;
+`slow` is only a marker.
 
     python -m pytest -q            # everything this machine can run
     python -m pytest -q -m "not slow"
