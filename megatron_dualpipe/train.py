@@ -89,7 +89,11 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
-    from megatron_dualpipe.patches import apply_cpu_patches, enable_routing_map_copy
+    from megatron_dualpipe.patches import (
+        apply_cpu_patches,
+        enable_routing_map_copy,
+        needs_routing_map_copy,
+    )
 
     # The launcher ran these before starting this process; they return the warnings to print
     # and guard callers that train without the command line.
@@ -97,7 +101,7 @@ def setup(recipe: Recipe) -> TrainState:
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
-    if recipe.moe.router_fusion and device.type == "cuda":
+    if needs_routing_map_copy(recipe, device.type):
         enable_routing_map_copy()
     os.environ.update(fp8_environment_variables(recipe))
     if device.type == "cpu":

@@ -1,6 +1,7 @@
 """The patches table: each patch one target, version-guarded, reversible."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +257,48 @@ def test_pad_routing_map_patch_pads_a_copy_with_the_same_result():
         patch.revert()
     assert token_dispatcher.pad_routing_map is original
     patch.check_version()
+
+
+def test_capacity_dropping_with_fp8_router_padding_needs_the_routing_map_copy():
+    """Megatron-Core 0.19 drops tokens over capacity with `probs * routing_map`, which autograd
+    saves; FP8 router padding then writes into that map. Unpatched the backward fails (what
+    the H200 run of `benchmarks.speed --systems ours_1f1b+padcap` hit); with the copy it runs
+    and the gradient is the one of the unpadded map."""
+    from megatron.core.transformer.moe import token_dispatcher
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    from megatron_dualpipe.config import load_recipe
+    from megatron_dualpipe.patches import needs_routing_map_copy, pad_routing_map
+
+    def route_and_pad():
+        logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(1),
+                             requires_grad=True)
+        probs = torch.sigmoid(logits)
+        routing_map = torch.zeros(64, 8, dtype=torch.bool).scatter(
+            1, probs.topk(2, dim=1).indices, True)
+        kept, kept_map = apply_router_token_dropping(
+            probs * routing_map, routing_map, router_topk=2, capacity_factor=1.0,
+            drop_policy="probs")
+        token_dispatcher.pad_routing_map(kept_map, 16)
+        kept.sum().backward()
+        return logits.grad
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        route_and_pad()
+    patch = pad_routing_map.make_patch()
+    patch.apply()
+    try:
+        grad = route_and_pad()
+    finally:
+        patch.revert()
+    assert grad.abs().sum() > 0
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "fp8_proxy_1gpu.yaml"
+    dropping = load_recipe(recipe, ["moe.capacity_factor=1.0", "moe.router_fusion=false"])
+    assert needs_routing_map_copy(dropping, "cuda")
+    assert not needs_routing_map_copy(dropping, "cpu")
+    padded = load_recipe(recipe, ["moe.capacity_factor=1.0", "moe.pad_to_capacity=true",
+                                  "moe.router_fusion=false"])
+    assert not needs_routing_map_copy(padded, "cuda")
 
 
 def test_record_stream_ignores_cpu_tensors_only_inside_the_block():

@@ -191,8 +191,10 @@ def _fp8_kwargs(recipe: Recipe, kw: dict[str, Any], num_moe_layers: int) -> dict
         # router, so the FP8 grouped GEMM needs no padding copy. Megatron allows it for the
         # alltoall/flex (deepep) dispatchers; with allgather the experts pad their input.
         # (The non-deprecated name of moe_router_padding_for_fp8.)
+        # With moe.pad_to_capacity every expert already gets its fixed capacity (the experts
+        # pad that to the alignment themselves; the counts are known on the host).
         "moe_router_padding_for_quantization": bool(num_moe_layers)
-        and moe.token_dispatcher != "allgather",
+        and moe.token_dispatcher != "allgather" and not moe.pad_to_capacity,
         # Megatron supports the FP8 SwiGLU input store only for SwiGLU (gated silu).
         "activation_func_fp8_input_store": bool(f.activation_input_store and swiglu),
     }

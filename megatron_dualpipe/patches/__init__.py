@@ -64,7 +64,8 @@ PATCHES: tuple[PatchEntry, ...] = (
                "enable_schedule_selection: megatron_dualpipe.register()"),
     PatchEntry("pad_routing_map", "megatron.core.transformer.moe.token_dispatcher."
                "pad_routing_map", "feature",
-               "enable_routing_map_copy: GPU with moe.router_fusion (FP8 router padding)"),
+               "enable_routing_map_copy: GPU with moe.router_fusion, or FP8 with "
+               "moe.capacity_factor (FP8 router padding; needs_routing_map_copy)"),
 )
 
 ENTRIES = {entry.name: entry for entry in PATCHES}
@@ -113,8 +114,20 @@ def enable_schedule_selection() -> None:
 
 
 def enable_routing_map_copy() -> None:
-    """Router padding for FP8 pads a copy of the routing map (needed with the fused router)."""
+    """Router padding for FP8 pads a copy of the routing map (see `needs_routing_map_copy`)."""
     _enable("pad_routing_map")
+
+
+def needs_routing_map_copy(recipe, device_type: str) -> bool:
+    """Whether Megatron's in-place FP8 router padding would write into a routing map that
+    autograd saved: the fused router's (GPU) or the capacity-dropped one (`moe.capacity_factor`
+    under FP8, without `moe.pad_to_capacity`, which pads no routing map)."""
+    if device_type != "cuda":
+        return False
+    moe = recipe.moe
+    dropped = (moe.capacity_factor is not None and not moe.pad_to_capacity
+               and recipe.fp8.recipe != "none")
+    return moe.router_fusion or dropped
 
 
 def revert_feature_patches() -> None:
