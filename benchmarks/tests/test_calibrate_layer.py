@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 V3 = ROOT / "recipes" / "deepseek_v3_671b_ep64_tp1_pp16_h800.yaml"
 
 
+def _child_env() -> dict:
+    """This process's environment for the benchmark's own process, without the world of one
+    that earlier in-process tests set up here (their MASTER_PORT is still being listened on:
+    the GPU run failed with EADDRINUSE)."""
+    world = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in world}, "PYTHONPATH": str(ROOT)}
+
+
 def _calibrate_layer():
     sys.path.insert(0, str(ROOT))
     from benchmarks import calibrate_layer
@@ -35,7 +43,7 @@ def test_calibration_benchmark_runs_tiny_on_cpu(tmp_path):
     """~30-60 s on 2 busy cores: builds Megatron layers and times them on gloo (own process:
     it applies the CPU and deferred-wgrad patches)."""
     out = tmp_path / "cal.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _child_env()
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate_layer.py"), "--tiny",
                         "--out", str(out), "--warmup", "0", "--iters", "1"],
                        capture_output=True, text=True, env=env, timeout=600)
@@ -50,7 +58,7 @@ def test_calibration_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_calibration_benchmark_on_gpu(tmp_path):
     """V3's rank with 32 heads and 2 local experts (smaller, same code path as the real run)."""
     out = tmp_path / "cal.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _child_env()
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate_layer.py"),
                         "--out", str(out), "--warmup", "1", "--iters", "2",
                         "--set", "model.num_attention_heads=32", "--set", "parallel.ep=128"],
