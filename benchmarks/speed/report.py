@@ -74,7 +74,7 @@ def render(result: dict) -> str:
                      f">= {target:.2f}x ({verdict}) |")
     if result.get("errors"):
         lines += ["", "Failed (the other variants ran):", ""]
-        lines += [f"- `{k}`: {v}" for k, v in result["errors"].items()]
+        lines += [f"- `{k}`: {v[:160]}" for k, v in result["errors"].items()]
     profiled = {k: r["profile"] for k, r in rows.items() if r.get("profile")}
     if profiled:
         categories = sorted({c for p in profiled.values() for c in p["kernels_ms"]},
