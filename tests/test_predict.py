@@ -228,3 +228,23 @@ def test_cli_predict_json_and_errors(capsys, tmp_path):
         assert plan.main([str(TINY), *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_measured_parts_calibration_times_the_default_calibrations_shapes():
+    """The H200 run of benchmarks/calibrate_layer.py: every part and pass measured, on the
+    shapes (FLOPs) the default calibration describes; the prediction uses its times."""
+    cal_dir = ROOT / "megatron_dualpipe" / "planning" / "calibration"
+    parts = load_calibration(cal_dir / "h200_v3_rank_parts.json")
+    default = load_calibration()
+    assert parts.source == "measured"
+    for prec in ("bf16", "fp8"):
+        for part in ("attention", "dense_mlp", "head", "moe"):
+            e = parts.entry(prec, part)
+            assert min(e["f_ms"], e["b_ms"], e["w_ms"]) > 0, (prec, part)
+            if part != "moe":  # the MoE part's FLOPs count the router/dispatch differently
+                d = default.entry(prec, part)
+                assert e["f_flops"] == pytest.approx(d["f_flops"], rel=1e-9), (prec, part)
+    recipe = plan.load_plan_recipe(V3, V3_SHORT)
+    slow, fast = (StepModel(recipe, load_hardware("h800"), c).run()["step_time_s"]
+                  for c in (parts, default))
+    assert slow > fast  # its layer is 21% slower (passes timed alone between syncs)
