@@ -244,12 +244,12 @@ def machine() -> dict:
 
 
 def command_line() -> str:
-    """This run's command, with output paths cut to their file names (no machine paths)."""
-    args = list(sys.argv[1:])
-    for i, arg in enumerate(args[:-1]):
-        if arg == "--json":
-            args[i + 1] = Path(args[i + 1]).name
-    return "python -m benchmarks.speed " + " ".join(args)
+    """This run's command, without machine paths (benchmarks/portable.py)."""
+    import shlex
+
+    from benchmarks.portable import portable
+
+    return "python -m benchmarks.speed " + shlex.join(portable(a) for a in sys.argv[1:])
 
 
 def main(argv=None) -> int:
