@@ -22,8 +22,10 @@ from megatron_dualpipe.planning.predict import flops as FL
 from megatron_dualpipe.planning.predict.calibration import Calibration
 from megatron_dualpipe.planning.predict.hardware import Hardware
 from megatron_dualpipe.planning.predict.model import StepModel
+from megatron_dualpipe.schedules.spec import get_spec
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "interleaved")
+SEARCH_VPP = 2  # model chunks per rank tried for schedules that take parallel.vpp
 MICRO_BATCH_SIZES = (1, 2)
 
 
@@ -83,7 +85,8 @@ def candidates(recipe, gpus: int) -> list[Candidate]:
             if dp % ep or recipe.moe.num_experts % ep:
                 continue
             for schedule in SCHEDULES:
-                if pp * (1 if schedule in ("1f1b", "dualpipe") else 2) > layers:
+                spec = get_spec(schedule)
+                if spec.num_stages(pp, SEARCH_VPP if spec.needs_vpp else None) > layers:
                     continue  # a stage without decoder layers
                 for mb in MICRO_BATCH_SIZES:
                     out.append(Candidate(pp, ep, dp, schedule, mb))
@@ -99,7 +102,7 @@ def _build(raw: dict, path, base, c: Candidate, gpus: int, gpus_per_node: int, v
             f"parallel.schedule={c.schedule}", f"train.micro_batch_size={c.micro_batch_size}",
             f"parallel.num_nodes={max(1, gpus // gpus_per_node)}",
             f"parallel.nproc_per_node={min(gpus, gpus_per_node)}",
-            f"parallel.vpp={2 if c.schedule == 'interleaved' else 'null'}"]
+            f"parallel.vpp={SEARCH_VPP if get_spec(c.schedule).needs_vpp else 'null'}"]
     own = (c.pp, c.schedule) == (base.parallel.pp, base.parallel.schedule)
     if not (own and base.parallel.layers_per_stage):
         draft = Recipe.model_validate(apply_overrides(copy.deepcopy(raw), sets))
