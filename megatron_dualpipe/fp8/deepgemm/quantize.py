@@ -1,0 +1,175 @@
+"""DeepSeek-V3 blockwise FP8 quantization in the operand layouts of DeepGEMM's SM90 kernels.
+
+Activations and gradients: 1x128 tiles along the reduction dimension; weights: 128x128 blocks;
+E4M3 values, FP32 scales (amax / 448, amax floored at 1e-4), no power-of-two rounding. Two
+implementations of the activation side:
+
+* `torch`: plain torch ops (CPU and GPU; several passes over an FP32 copy, so slow on the GPU);
+* `te`: Transformer Engine's fused `Float8BlockQuantizer` (GPU), one kernel giving the rowwise
+  1x128 copy (forward / dgrad operand) and the columnwise copy (1x128 along the tokens), which
+  is regrouped per expert into the wgrad operand.
+
+Weights always use the torch path: once per optimizer step, W and W^T from one pass (128x128
+blocks are square, so W^T's quantization is W's transposed).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+FP8_MAX = 448.0
+BLOCK = 128
+AMAX_FLOOR = 1e-4
+QUANTIZERS = ("torch", "te")
+
+
+def tma_aligned(n: int) -> int:
+    """FP32 scale rows padded to 16 bytes (TMA alignment)."""
+    return -(-n // 4) * 4
+
+
+def _mn_major(sf):
+    """[mn, blocks] FP32 scales re-laid MN-major with a TMA-aligned column stride."""
+    import torch
+
+    mn, blocks = sf.shape
+    out = torch.empty_strided((mn, blocks), (1, tma_aligned(mn)), dtype=torch.float32,
+                              device=sf.device)
+    out.copy_(sf)
+    return out
+
+
+def quantize_rows(x):
+    """x [m, k] (k a multiple of 128) -> (FP8 [m, k], scales [m, k/128] MN-major)."""
+    import torch
+
+    m, k = x.shape
+    v = x.float().view(m, k // BLOCK, BLOCK)
+    sf = v.abs().amax(-1).clamp(min=AMAX_FLOOR) / FP8_MAX
+    q = (v / sf.unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, k)
+    return q, _mn_major(sf)
+
+
+def quantize_k_major(x, ks: list[int], order: list[int]):
+    """Wgrad operand of the k-grouped kernel from x [sum(ks), mn], whose groups of ks[g] rows
+    (multiples of 128) follow one another: for each group g in `order` (empty ones skipped),
+    its rows quantized with 128x1 tiles along the rows and stored transposed ([mn, ks[g]],
+    K-major), one after the other in one flat FP8 tensor; scales [mn, sum(ks)/128]."""
+    import torch
+
+    mn = x.size(1)
+    starts = _starts(ks)
+    data = torch.empty(x.size(0) * mn, dtype=torch.float8_e4m3fn, device=x.device)
+    sfs, off = [], 0
+    for g in order:
+        k = ks[g]
+        if k == 0:
+            continue
+        v = x[starts[g]:starts[g] + k].float().view(k // BLOCK, BLOCK, mn)
+        sf = v.abs().amax(1).clamp(min=AMAX_FLOOR) / FP8_MAX
+        q = (v / sf.unsqueeze(1)).to(torch.float8_e4m3fn).view(k, mn)
+        data[off * mn:(off + k) * mn].view(mn, k).copy_(q.t())
+        sfs.append(sf)
+        off += k
+    sf = torch.cat(sfs) if sfs else torch.empty(0, mn, device=x.device)
+    return data, sf.t()
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """One optimizer step's FP8 expert weights: `w` = (FP8 [G, N, K], scales [G, N/128, K/128])
+    for the forward, `wt` = the same for W^T ([G, K, N]) for dgrad."""
+
+    w: tuple
+    wt: tuple
+
+
+def quantize_weights(w) -> QuantizedWeights:
+    """w [G, N, K] (N, K multiples of 128) -> W and W^T in 128x128 blocks, one pass."""
+    import torch
+
+    G, N, K = w.shape
+    v = w.float().view(G, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    sf = v.abs().amax(dim=(2, 4)).clamp(min=AMAX_FLOOR) / FP8_MAX
+    q = (v / sf[:, :, None, :, None]).to(torch.float8_e4m3fn).view(G, N, K)
+    return QuantizedWeights(w=(q, sf), wt=(q.transpose(1, 2).contiguous(),
+                                           sf.transpose(1, 2).contiguous()))
+
+
+class ActivationQuantizer:
+    """Quantizes an expert-padded activation x [Mp, K] into the forward/dgrad operand (rows)
+    and, when asked, the wgrad operand (k-major per expert), with the `torch` or `te` kernels."""
+
+    def __init__(self, kind: str = "torch"):
+        if kind not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {kind!r}")
+        self.kind = kind
+
+    def __call__(self, x, ks: list[int], order: list[int] | None):
+        """(rows pair, k-major pair or None when `order` is None)."""
+        if self.kind == "torch":
+            rows = quantize_rows(x)
+            return rows, (None if order is None else quantize_k_major(x, ks, order))
+        return _te_quantize(x, ks, order)
+
+
+@functools.cache
+def _te_block_quantizer(columnwise: bool):
+    import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
+    import transformer_engine_torch as tex
+    from transformer_engine.pytorch.tensor.float8_blockwise_tensor import Float8BlockQuantizer
+
+    params = inspect.signature(Float8BlockQuantizer.__init__).parameters
+    kwargs = {"rowwise": True, "columnwise": columnwise, "block_scaling_dim": 1}
+    if "force_pow_2_scales" in params:
+        kwargs["force_pow_2_scales"] = False  # DeepSeek-V3: plain FP32 scales
+    return Float8BlockQuantizer(tex.DType.kFloat8E4M3, **kwargs)
+
+
+def _te_quantize(x, ks: list[int], order: list[int] | None):
+    """TE's fused 1x128 quantizer. Its GEMM-ready scale buffers are [k/128, tma(m)] row-major,
+    i.e. transposed exactly DeepGEMM's MN-major layout; the columnwise copy (x^T [K, Mp], 1x128
+    along the tokens) equals the k-grouped operand once each expert's columns are made
+    contiguous (expert boundaries are multiples of 128, so the scale tiles coincide)."""
+    import torch
+
+    quantizer = _te_block_quantizer(order is not None)
+    t = quantizer.quantize(x) if hasattr(quantizer, "quantize") else quantizer(x)
+    m, k = x.shape
+    row_sf = t._rowwise_scale_inv
+    _check_shape("rowwise", row_sf, (k // BLOCK, tma_aligned(m)))
+    rows = (t._rowwise_data.view(torch.float8_e4m3fn), row_sf.t()[:m])
+    if order is None:
+        return rows, None
+    col = t._columnwise_data.view(torch.float8_e4m3fn)
+    col_sf = t._columnwise_scale_inv
+    _check_shape("columnwise data", col, (k, m))
+    _check_shape("columnwise", col_sf, (m // BLOCK, tma_aligned(k)))
+    starts = _starts(ks)
+    data = torch.empty(m * k, dtype=torch.float8_e4m3fn, device=x.device)
+    sfs, off = [], 0
+    for g in order:
+        a = ks[g]
+        if a == 0:
+            continue
+        data[off * k:(off + a) * k].view(k, a).copy_(col[:, starts[g]:starts[g] + a])
+        sfs.append(col_sf[starts[g] // BLOCK:(starts[g] + a) // BLOCK, :k])
+        off += a
+    sf = torch.cat(sfs) if sfs else torch.empty(0, k, device=x.device)
+    return rows, (data, sf.t())
+
+
+def _check_shape(what: str, t, expected: tuple) -> None:
+    if tuple(t.shape) != expected:
+        raise RuntimeError(f"unexpected TE {what} shape {tuple(t.shape)}, expected {expected} "
+                           "(use the `torch` quantizer)")
+
+
+def _starts(ks: list[int]) -> list[int]:
+    out, s = [], 0
+    for k in ks:
+        out.append(s)
+        s += k
+    return out
