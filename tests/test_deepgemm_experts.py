@@ -126,6 +126,49 @@ def test_forward_backward_two_microbatches(dg, layout):
                    if hasattr(w, "main_grad"))
 
 
+class _FakeTEBlockQuantizer:
+    """TE 2.20's Float8BlockQuantizer output as benchmarks/fp8/blockwise_quant.py reads it on
+    the H200: rowwise data [m, k] with scales [k/128, tma(m)] row-major; columnwise data
+    x^T [k, m] (1x128 along m) with scales [m/128, tma(k)] row-major."""
+
+    def __init__(self, columnwise: bool):
+        self.columnwise = columnwise
+
+    @staticmethod
+    def _one(t):
+        r, c = t.shape
+        v = t.float().view(r, c // 128, 128)
+        s = v.abs().amax(-1).clamp(min=1e-4) / 448.0
+        q = (v / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(r, c)
+        buf = torch.zeros(c // 128, -(-r // 4) * 4)
+        buf[:, :r] = s.t()
+        return q.view(torch.uint8), buf
+
+    def quantize(self, x):
+        from types import SimpleNamespace
+
+        row, row_sf = self._one(x)
+        col, col_sf = self._one(x.t()) if self.columnwise else (None, None)
+        return SimpleNamespace(_rowwise_data=row, _rowwise_scale_inv=row_sf,
+                               _columnwise_data=col, _columnwise_scale_inv=col_sf)
+
+
+def test_te_quantizer_layout_regrouped_for_wgrad(dg, monkeypatch):
+    from megatron_dualpipe.fp8.deepgemm import quantize
+
+    monkeypatch.setattr(quantize, "_te_block_quantizer", _FakeTEBlockQuantizer)
+    ws = _weights(13)
+    _attach_main_grads(ws, "buffer")  # experts regrouped in reverse (memory) order
+    x, dy = _batch(14, SPLITS)
+    x.requires_grad_(True)
+    options = GemmOptions(accumulate=True, quantizer="te")
+    y = grouped_fp8_gemm(x, SPLITS, ws, WeightCache().get(ws), options)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref = ref_grouped(x.detach(), dy, [w.detach() for w in ws], SPLITS)
+    assert rel_err(y, y_ref) < TIGHT and rel_err(x.grad, dx_ref) < TIGHT
+    assert rel_err(torch.stack([w.main_grad for w in ws]), dw_ref) < 1e-6
+
+
 def test_single_grouped_weight_accumulates_in_place(dg):
     (w,) = _weights(1, grouped=True)
     w.main_grad = torch.full((G, N, K), 0.5)
