@@ -88,7 +88,7 @@ class DeepGEMMGroupedLinearMixin:
         if hasattr(m_splits, "tolist"):
             m_splits = m_splits.tolist()  # a device-to-host sync, as in TE
         weights = self.expert_weights()
-        refresh = bool(self.is_first_microbatch) or bool(
+        refresh = bool(getattr(self, "is_first_microbatch", True)) or bool(
             getattr(self, "disable_parameter_transpose_cache", False))
         quantized = self.deepgemm_weights.get(weights, refresh=refresh)
         quantizer = self.deepgemm_quantizer or default_quantizer()
@@ -107,7 +107,7 @@ def _unsupported(module) -> list[str]:
     tp_group = getattr(module, "_tp_group", None)
     if tp_group is not None and tp_group.size() > 1:
         problems.append(f"expert tensor parallelism ({tp_group.size()})")
-    if getattr(module, "delay_wgrad_compute", False):
+    if getattr(module, "delay_wgrad_compute", False) is True:  # Megatron's flag (bool)
         problems.append("delay_wgrad_compute")
     for name, size in (("in_features", module.in_features),
                        ("out_features", module.out_features)):

@@ -1,0 +1,135 @@
+"""GPU: DeepGEMM's real SM90 kernels behind the routed experts (megatron_dualpipe/fp8/deepgemm)
+against the float64 reference of the dequantized operands that tests/test_deepgemm_experts.py
+checks the CPU emulator against, and the module under TE's blockwise FP8 autocast.
+
+    bash .deepgemm/build.sh      # DeepGEMM 2.6.1 from the carried source (docs/fp8.md)
+    PYTHONPATH=$PWD:/root/deepgemm/DeepGEMM python -m pytest -q -s -m gpu \\
+        tests/test_deepgemm_experts_gpu.py
+
+The first run JIT-compiles about six kernels with nvcc (tens of seconds each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from deepgemm_emulator import ref_grouped, rel_err
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    if torch.cuda.get_device_capability(0)[0] != 9:
+        return "DeepGEMM's 1x128/128x128 FP32-scale kernels are SM90 (Hopper) kernels"
+    if importlib.util.find_spec("deep_gemm") is None:
+        return "deep_gemm not importable: bash .deepgemm/build.sh, then PYTHONPATH (docs/fp8.md)"
+    try:
+        import deep_gemm  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - the reason is the message
+        return f"import deep_gemm failed: {type(err).__name__}: {err}"
+    return None
+
+
+REASON = _skip_reason()
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+G, K, N = 4, 1024, 768
+SPLITS = [300, 0, 1000, 641]  # a zero-row expert, rows not multiples of 128
+KERNEL_BOUND = 1e-2  # against the dequantized operands (benchmarks/fp8: ~2e-3 measured)
+FP8_BOUND = 0.06
+
+
+def _case(seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ws = (torch.randn(G, N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    x = torch.randn(sum(SPLITS), K, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(sum(SPLITS), N, device="cuda", generator=g).bfloat16()
+    return ws, x, dy
+
+
+def _bf16_reference(x, dy, ws):
+    ys, dxs, dws, start = [], [], [], 0
+    for w, s in zip(ws, SPLITS, strict=True):
+        xg, dyg, wd = x[start:start + s].double(), dy[start:start + s].double(), w.double()
+        ys.append(xg @ wd.t())
+        dxs.append(dyg @ wd)
+        dws.append(dyg.t() @ xg)
+        start += s
+    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
+
+
+QUANTIZERS = ["torch"] + (["te"] if HAVE_TE else [])
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_kernels_against_reference(quantizer):
+    from megatron_dualpipe.fp8.deepgemm import GemmOptions, WeightCache, grouped_fp8_gemm
+
+    ws, x, dy = _case(0)
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    buffer = torch.zeros(G * N * K, device="cuda")  # Megatron's layout: reverse order
+    for i, p in enumerate(reversed(params)):
+        p.main_grad = buffer[i * N * K:(i + 1) * N * K].view(N, K)
+        p.grad_added_to_main_grad = False
+    options = GemmOptions(accumulate=True, quantizer=quantizer)
+    quantized = WeightCache().get(params)
+    total = torch.zeros(G, N, K, dtype=torch.float64, device="cuda")
+    for micro in range(2):
+        _, x, dy = _case(1 + micro)
+        xr = x.clone().requires_grad_(True)
+        y = grouped_fp8_gemm(xr, SPLITS, params, quantized, options)
+        y.backward(dy)
+        torch.cuda.synchronize()
+        y_ref, dx_ref, dw_ref = ref_grouped(x, dy, list(ws), SPLITS)
+        y_bf, dx_bf, _ = _bf16_reference(x, dy, ws)
+        errs = {"y": rel_err(y, y_ref), "dx": rel_err(xr.grad, dx_ref),
+                "y_bf16": rel_err(y, y_bf), "dx_bf16": rel_err(xr.grad, dx_bf)}
+        print(f"[deepgemm experts {quantizer}] micro-batch {micro}: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        assert errs["y"] < KERNEL_BOUND and errs["dx"] < KERNEL_BOUND
+        assert errs["y_bf16"] < FP8_BOUND and errs["dx_bf16"] < FP8_BOUND
+        total += dw_ref
+        for p in params:
+            p.grad = None
+    got = torch.stack([p.main_grad for p in params])
+    err = rel_err(got, total)
+    print(f"[deepgemm experts {quantizer}] main_grad after 2 micro-batches: {err:.2e}")
+    assert err < KERNEL_BOUND
+    assert torch.count_nonzero(params[1].main_grad) == 0  # the zero-row expert
+
+
+@pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine")
+def test_module_under_te_blockwise_autocast():
+    """BF16: TE's own forward, bit for bit. Blockwise FP8 autocast: DeepGEMM, within FP8's
+    tolerance of the BF16 product; TE's own blockwise output is printed for comparison."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import Float8BlockScaling
+
+    from megatron_dualpipe.fp8.deepgemm import deepgemm_grouped_linear
+
+    ws, x, dy = _case(3)
+    common = dict(bias=False, params_dtype=torch.bfloat16, device="cuda")
+    ours = deepgemm_grouped_linear(te.GroupedLinear)(G, K, N, **common)
+    theirs = te.GroupedLinear(G, K, N, **common)
+    with torch.no_grad():
+        for i in range(G):
+            getattr(ours, f"weight{i}").copy_(ws[i])
+            getattr(theirs, f"weight{i}").copy_(ws[i])
+    assert torch.equal(ours(x, SPLITS), theirs(x, SPLITS))  # BF16: TE's path
+    recipe = Float8BlockScaling()
+    ours.is_first_microbatch = True
+    xr = x.clone().requires_grad_(True)
+    with te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+        y, bias = ours(xr, SPLITS)
+        y_te = theirs(x, SPLITS)
+    y.backward(dy)
+    y_bf, dx_bf, dw_bf = _bf16_reference(x, dy, ws)
+    dw = torch.stack([getattr(ours, f"weight{i}").grad for i in range(G)])
+    errs = {"y": rel_err(y, y_bf), "dx": rel_err(xr.grad, dx_bf), "dw": rel_err(dw, dw_bf),
+            "te_blockwise_y": rel_err(y_te, y_bf), "ours_vs_te": rel_err(y, y_te)}
+    print("[deepgemm module] " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert bias is None
+    assert errs["y"] < FP8_BOUND and errs["dx"] < FP8_BOUND and errs["dw"] < FP8_BOUND
