@@ -169,6 +169,18 @@ def ref_grouped(x, dy, ws, splits):
     return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
 
 
+def bf16_grouped(x, dy, ws, splits):
+    """float64 y, dx, dW of the unquantized BF16 operands."""
+    ys, dxs, dws, start = [], [], [], 0
+    for w, s in zip(ws, splits, strict=True):
+        xg, dyg, wd = x[start:start + s].double(), dy[start:start + s].double(), w.double()
+        ys.append(xg @ wd.t())
+        dxs.append(dyg @ wd)
+        dws.append(dyg.t() @ xg)
+        start += s
+    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
+
+
 def rel_err(a, b) -> float:
     """Relative Frobenius error of a against b (float64)."""
     a, b = a.double(), b.double()

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from deepgemm_emulator import emulator, ref_grouped, ref_quant, rel_err
+from deepgemm_emulator import bf16_grouped, emulator, ref_grouped, ref_quant, rel_err
 
 from megatron_dualpipe.fp8.deepgemm import module as dg_module
 from megatron_dualpipe.fp8.deepgemm.function import GemmOptions, grouped_fp8_gemm
@@ -48,18 +48,6 @@ def _batch(seed: int, splits):
     g = torch.Generator().manual_seed(seed)
     m = sum(splits)
     return (torch.randn(m, K, generator=g).bfloat16(), torch.randn(m, N, generator=g).bfloat16())
-
-
-def _bf16_products(x, dy, ws, splits):
-    """float64 products of the unquantized BF16 operands."""
-    ys, dxs, dws, start = [], [], [], 0
-    for w, s in zip(ws, splits, strict=True):
-        xg, dyg, wd = x[start:start + s].double(), dy[start:start + s].double(), w.double()
-        ys.append(xg @ wd.t())
-        dxs.append(dyg @ wd)
-        dws.append(dyg.t() @ xg)
-        start += s
-    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
 
 
 def _attach_main_grads(ws, layout: str):
@@ -95,7 +83,7 @@ def test_forward_backward_two_microbatches(dg, layout):
         y = grouped_fp8_gemm(xr, SPLITS, ws, quantized, options)
         y.backward(dy)
         y_ref, dx_ref, dw_ref = ref_grouped(x, dy, [w.detach() for w in ws], SPLITS)
-        y_bf, dx_bf, dw_bf = _bf16_products(x, dy, [w.detach() for w in ws], SPLITS)
+        y_bf, dx_bf, dw_bf = bf16_grouped(x, dy, [w.detach() for w in ws], SPLITS)
         assert y.dtype == torch.bfloat16 and y.shape == (sum(SPLITS), N)
         assert rel_err(y, y_ref) < TIGHT
         assert rel_err(xr.grad, dx_ref) < TIGHT

@@ -15,7 +15,7 @@ import importlib.util
 
 import pytest
 import torch
-from deepgemm_emulator import ref_grouped, rel_err
+from deepgemm_emulator import bf16_grouped, ref_grouped, rel_err
 
 
 def _skip_reason() -> str | None:
@@ -50,17 +50,6 @@ def _case(seed: int):
     return ws, x, dy
 
 
-def _bf16_reference(x, dy, ws):
-    ys, dxs, dws, start = [], [], [], 0
-    for w, s in zip(ws, SPLITS, strict=True):
-        xg, dyg, wd = x[start:start + s].double(), dy[start:start + s].double(), w.double()
-        ys.append(xg @ wd.t())
-        dxs.append(dyg @ wd)
-        dws.append(dyg.t() @ xg)
-        start += s
-    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
-
-
 QUANTIZERS = ["torch"] + (["te"] if HAVE_TE else [])
 
 
@@ -84,7 +73,7 @@ def test_kernels_against_reference(quantizer):
         y.backward(dy)
         torch.cuda.synchronize()
         y_ref, dx_ref, dw_ref = ref_grouped(x, dy, list(ws), SPLITS)
-        y_bf, dx_bf, _ = _bf16_reference(x, dy, ws)
+        y_bf, dx_bf, _ = bf16_grouped(x, dy, ws, SPLITS)
         errs = {"y": rel_err(y, y_ref), "dx": rel_err(xr.grad, dx_ref),
                 "y_bf16": rel_err(y, y_bf), "dx_bf16": rel_err(xr.grad, dx_bf)}
         print(f"[deepgemm experts {quantizer}] micro-batch {micro}: "
@@ -126,7 +115,7 @@ def test_module_under_te_blockwise_autocast():
         y, bias = ours(xr, SPLITS)
         y_te = theirs(x, SPLITS)
     y.backward(dy)
-    y_bf, dx_bf, dw_bf = _bf16_reference(x, dy, ws)
+    y_bf, dx_bf, dw_bf = bf16_grouped(x, dy, ws, SPLITS)
     dw = torch.stack([getattr(ours, f"weight{i}").grad for i in range(G)])
     errs = {"y": rel_err(y, y_bf), "dx": rel_err(xr.grad, dx_bf), "dw": rel_err(dw, dw_bf),
             "te_blockwise_y": rel_err(y_te, y_bf), "ours_vs_te": rel_err(y, y_te)}

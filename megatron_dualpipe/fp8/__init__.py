@@ -5,6 +5,8 @@
   any process group starts (training only, not `plan`).
 * `fp8_module_report(chunks)`: which modules run FP8 GEMMs and which stay BF16;
   `observe_fp8_execution` / `compare_with_observation` confirm it on the GPU.
+* `megatron_dualpipe.fp8.deepgemm` (imported on its own): DeepGEMM's kernels behind the routed
+  experts (experimental, not yet run on a GPU).
 
 See docs/fp8.md.
 """

@@ -95,6 +95,7 @@ class DeepGEMMGroupedLinearMixin:
         options = GemmOptions(accumulate=bool(self.fuse_wgrad_accumulation), quantizer=quantizer)
         y = grouped_fp8_gemm(x, m_splits, weights, quantized, options)
         self.is_first_microbatch = False
+        self.fp8 = True  # TE's own flag of "this forward ran FP8" (fp8.modules observes it)
         return y, None
 
 
