@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,8 +134,6 @@ class _FakeTEBlockQuantizer:
         return q.view(torch.uint8), buf
 
     def quantize(self, x):
-        from types import SimpleNamespace
-
         row, row_sf = self._one(x)
         col, col_sf = self._one(x.t()) if self.columnwise else (None, None)
         return SimpleNamespace(_rowwise_data=row, _rowwise_scale_inv=row_sf,
@@ -405,8 +404,6 @@ def test_spec_swap_replaces_exactly_the_expert_linears():
 def test_speed_wrapper_swaps_only_deepgemm_systems(monkeypatch):
     """benchmarks.fp8.deepgemm_speed: `+deepgemm` systems get DeepGEMM experts while they are
     built (the modifier stripped for benchmarks.speed), other systems and later builds not."""
-    from types import SimpleNamespace
-
     from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 
     import megatron_dualpipe.model.build as model_build
@@ -433,3 +430,43 @@ def test_speed_wrapper_swaps_only_deepgemm_systems(monkeypatch):
     assert issubclass(fast.fc1, _FakeColumn) and issubclass(fast.fc2, _FakeRow)
     assert fast.fc1.deepgemm_quantizer == "torch" and fast.fc1 is not _FakeColumn
     assert model_build.layer_specs is layer_specs
+
+
+def test_inside_megatron_te_grouped_mlp(dg, monkeypatch):
+    """Megatron-Core's own TEGroupedMLP (SwiGLU, router probabilities) with the swapped
+    linears: its calls reach DeepGEMM with the right splits (each GEMM's output against the
+    reference of the input it got) and its backward runs through both."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
+
+    monkeypatch.setattr(dg_module, "active_fp8_recipe", lambda: _Recipe(blockwise=True))
+    config = TransformerConfig(num_layers=1, hidden_size=K, num_attention_heads=4,
+                               moe_ffn_hidden_size=128, num_moe_experts=G,
+                               gated_linear_unit=True, activation_func=F.silu,
+                               add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16,
+                               bias_activation_fusion=False)
+    submodules = GroupedMLPSubmodules(
+        linear_fc1=dg_module.deepgemm_grouped_linear(_FakeColumn, "torch"),
+        linear_fc2=dg_module.deepgemm_grouped_linear(_FakeRow, "torch"))
+    pg = SimpleNamespace(ep=None, expt_tp=None)
+    experts = TEGroupedMLP(G, config, submodules, pg_collection=pg)
+    seen = {}
+    for name in ("linear_fc1", "linear_fc2"):
+        getattr(experts, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], args[1], out[0])))
+    x, _ = _batch(40, SPLITS)
+    x.requires_grad_(True)
+    probs = torch.rand(sum(SPLITS), generator=torch.Generator().manual_seed(41))
+    out, bias = experts(x, torch.tensor(SPLITS), probs)
+    assert bias is None and out.shape == x.shape
+    for name in ("linear_fc1", "linear_fc2"):
+        inp, splits, got = seen[name]
+        assert list(splits) == SPLITS
+        ws = [w.detach() for w in getattr(experts, name).expert_weights()]
+        y_ref, _, _ = ref_grouped(inp.detach(), got.detach(), ws, SPLITS)
+        assert rel_err(got, y_ref) < TIGHT
+    assert torch.equal(out, seen["linear_fc2"][2])
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(w.grad is not None for w in experts.parameters())
