@@ -98,8 +98,7 @@ class ExpertGemm(torch.autograd.Function):
 def _wgrad(ctx, dy_k, shape, dg, device) -> list:
     """Run the k-grouped wgrad into main_grad or a fresh buffer; autograd's weight grads."""
     plan, order, weights = ctx.plan, ctx.order, ctx.weights
-    ks = [plan.padded[g] for g in order]
-    ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device)
+    ks, ks_tensor = plan.group_sizes(order)
     target = None
     if ctx.options.accumulate:
         main_grads = grads_mod.expert_main_grads(weights)

@@ -8,7 +8,10 @@ tagged -1; the wgrad kernel wants 128-row groups of real or zero rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+_CACHE: dict = {}
+_CACHE_SIZE = 16
 
 
 @dataclass
@@ -23,12 +26,24 @@ class ExpertRows:
     rows: object
     m_indices: object
     ks: object
+    _ordered: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, splits, align: int, device) -> ExpertRows:
+        """The layout of `splits` (cached: fc1 and fc2, forward and backward, and every
+        micro-batch with the same counts share one, so its index tensors are made once)."""
+        splits = [int(s) for s in splits]
+        key = (tuple(splits), align, str(device))
+        if key not in _CACHE:
+            if len(_CACHE) >= _CACHE_SIZE:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = cls._make(splits, align, device)
+        return _CACHE[key]
+
+    @classmethod
+    def _make(cls, splits: list[int], align: int, device) -> ExpertRows:
         import torch
 
-        splits = [int(s) for s in splits]
         if any(s < 0 for s in splits):
             raise ValueError(f"negative rows per expert in m_splits {splits}")
         padded = [-(-s // align) * align for s in splits]
@@ -48,12 +63,25 @@ class ExpertRows:
         ks = torch.tensor(padded, dtype=torch.int32, device=device)
         return cls(splits, padded, rows, m_indices, ks)
 
+    def group_sizes(self, order: list[int]):
+        """(host list, int32 device tensor) of the padded sizes in `order`."""
+        ks = [self.padded[g] for g in order]
+        if order == sorted(order):
+            return ks, self.ks
+        key = tuple(order)
+        if key not in self._ordered:
+            import torch
+
+            self._ordered[key] = torch.tensor(ks, dtype=torch.int32, device=self.ks.device)
+        return ks, self._ordered[key]
+
     @property
     def num_padded(self) -> int:
         return sum(self.padded)
 
     def pad(self, x):
-        """x [sum(splits), C] -> [sum(padded), C], zero padding rows."""
+        """x [sum(splits), C] -> [sum(padded), C], zero padding rows (x itself when nothing is
+        padded)."""
         if self.rows is None:
             return x.contiguous()
         out = x.new_zeros(self.num_padded, x.size(1))
