@@ -21,6 +21,8 @@ will call it once the recipe has `fp8.gemm_backend: deepgemm` (not wired yet):
 Not supported (refused at construction): expert biases, expert TP > 1, TE's delayed wgrad
 (`delay_wgrad_compute`), FP8 primary weights, in/out features not multiples of 128. The
 zero-bubble W split of DualPipe(V) does not defer these modules' weight GEMMs (they run in B).
+`fp8.modules.observe_fp8_execution` reads TE's `fp8` flag, which this path does not set: it
+reports these modules as not FP8.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ class DeepGEMMGroupedLinearMixin:
         quantizer = self.deepgemm_quantizer or default_quantizer()
         options = GemmOptions(accumulate=bool(self.fuse_wgrad_accumulation), quantizer=quantizer)
         y = grouped_fp8_gemm(x, m_splits, weights, quantized, options)
+        # TE's own FP8 state (self.fp8, fp8_meta) is left alone: setting `fp8` would make TE
+        # write FP8 metadata it never initialized into checkpoints.
         self.is_first_microbatch = False
-        self.fp8 = True  # TE's own flag of "this forward ran FP8" (fp8.modules observes it)
         return y, None
 
 
