@@ -37,7 +37,7 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 G, K, N = 4, 1024, 768
-SPLITS = [300, 0, 1000, 641]  # a zero-row expert, rows not multiples of 128
+SPLITS = [304, 0, 1008, 656]  # a zero-row expert, rows not multiples of 128 (of 16: TE FP8)
 KERNEL_BOUND = 1e-2  # against the dequantized operands (benchmarks/fp8: ~2e-3 measured)
 FP8_BOUND = 0.06
 
