@@ -140,7 +140,8 @@ class _FakeTEBlockQuantizer:
                                _columnwise_data=col, _columnwise_scale_inv=col_sf)
 
 
-def test_te_quantizer_layout_regrouped_for_wgrad(dg, monkeypatch):
+@pytest.mark.parametrize("quantizer", ["te", "te-rows"])
+def test_te_quantizer_layout_regrouped_for_wgrad(dg, monkeypatch, quantizer):
     from megatron_dualpipe.fp8.deepgemm import quantize
 
     monkeypatch.setattr(quantize, "_te_block_quantizer", _FakeTEBlockQuantizer)
@@ -148,7 +149,7 @@ def test_te_quantizer_layout_regrouped_for_wgrad(dg, monkeypatch):
     _attach_main_grads(ws, "buffer")  # experts regrouped in reverse (memory) order
     x, dy = _batch(14, SPLITS)
     x.requires_grad_(True)
-    options = GemmOptions(accumulate=True, quantizer="te")
+    options = GemmOptions(accumulate=True, quantizer=quantizer)
     y = grouped_fp8_gemm(x, SPLITS, ws, WeightCache().get(ws), options)
     y.backward(dy)
     y_ref, dx_ref, dw_ref = ref_grouped(x.detach(), dy, [w.detach() for w in ws], SPLITS)

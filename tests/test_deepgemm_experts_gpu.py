@@ -50,7 +50,7 @@ def _case(seed: int):
     return ws, x, dy
 
 
-QUANTIZERS = ["torch"] + (["te"] if HAVE_TE else [])
+QUANTIZERS = ["torch"] + (["te-rows", "te"] if HAVE_TE else [])
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)

@@ -1,9 +1,10 @@
-"""`python -m benchmarks.fp8.deepgemm_speed`: `benchmarks.speed` with two more system
-modifiers, `+deepgemm` and `+deepgemm-torchq`: that system's routed experts (TEGroupedMLP's
-linear_fc1 / linear_fc2) run their blockwise FP8 GEMMs on DeepGEMM
-(megatron_dualpipe/fp8/deepgemm), quantizing activations with TE's fused kernel (`+deepgemm`)
-or with the plain torch quantizer (`+deepgemm-torchq`, slow, a fall-back should TE's layout
-not be what the code expects); BF16 steps stay on TE.
+"""`python -m benchmarks.fp8.deepgemm_speed`: `benchmarks.speed` with three more system
+modifiers: that system's routed experts (TEGroupedMLP's linear_fc1 / linear_fc2) run their
+blockwise FP8 GEMMs on DeepGEMM (megatron_dualpipe/fp8/deepgemm), quantizing activations with
+TE's fused kernel (`+deepgemm`), with TE's kernel for the GEMM operand and plain torch ops for
+the wgrad operand (`+deepgemm-terows`), or with plain torch ops only (`+deepgemm-torchq`,
+slow); the last two are fall-backs should TE's columnwise layout not be what the code expects.
+BF16 steps stay on TE.
 
     PYTHONPATH=$PWD:/root/deepgemm/DeepGEMM python -m benchmarks.fp8.deepgemm_speed \\
         --systems ours_1f1b+padcap+gaf,ours_1f1b+padcap+gaf+deepgemm --precisions bf16,fp8 \\
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import sys
 
-QUANTIZER = {"deepgemm": None, "deepgemm-torchq": "torch"}  # modifier -> quantizer
+QUANTIZER = {"deepgemm": None, "deepgemm-terows": "te-rows",  # modifier -> quantizer
+             "deepgemm-torchq": "torch"}
 
 
 def _deepgemm_build(build):

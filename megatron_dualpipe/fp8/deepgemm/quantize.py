@@ -7,7 +7,9 @@ implementations of the activation side:
 * `torch`: plain torch ops (CPU and GPU; several passes over an FP32 copy, so slow on the GPU);
 * `te`: Transformer Engine's fused `Float8BlockQuantizer` (GPU), one kernel giving the rowwise
   1x128 copy (forward / dgrad operand) and the columnwise copy (1x128 along the tokens), which
-  is regrouped per expert into the wgrad operand.
+  is regrouped per expert into the wgrad operand;
+* `te-rows`: TE's kernel for the rowwise copy only (the layout benchmarks/fp8 validated on the
+  H200), the wgrad operand by the torch path.
 
 Weights always use the torch path: once per optimizer step, W and W^T from one pass (128x128
 blocks are square, so W^T's quantization is W's transposed).
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 FP8_MAX = 448.0
 BLOCK = 128
 AMAX_FLOOR = 1e-4
-QUANTIZERS = ("torch", "te")
+QUANTIZERS = ("torch", "te", "te-rows")
 
 
 def tma_aligned(n: int) -> int:
@@ -109,10 +111,10 @@ class ActivationQuantizer:
 
     def __call__(self, x, ks: list[int], order: list[int] | None):
         """(rows pair, k-major pair or None when `order` is None)."""
-        if self.kind == "torch":
-            rows = quantize_rows(x)
-            return rows, (None if order is None else quantize_k_major(x, ks, order))
-        return _te_quantize(x, ks, order)
+        if self.kind == "te":
+            return _te_quantize(x, ks, order)
+        rows = quantize_rows(x) if self.kind == "torch" else _te_quantize(x, ks, None)[0]
+        return rows, (None if order is None else quantize_k_major(x, ks, order))
 
 
 @functools.cache
