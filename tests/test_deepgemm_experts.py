@@ -402,37 +402,6 @@ def test_spec_swap_replaces_exactly_the_expert_linears():
     assert _type_fields(block) == after
 
 
-def test_speed_wrapper_swaps_only_deepgemm_systems(monkeypatch):
-    """benchmarks.fp8.deepgemm_speed: `+deepgemm` systems get DeepGEMM experts while they are
-    built (the modifier stripped for benchmarks.speed), other systems and later builds not."""
-    from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
-
-    import megatron_dualpipe.model.build as model_build
-    from benchmarks.fp8.deepgemm_speed import _deepgemm_build
-
-    def layer_specs(*args, **kwargs):
-        return GroupedMLPSubmodules(linear_fc1=_FakeColumn, linear_fc2=_FakeRow), None
-
-    monkeypatch.setattr(model_build, "layer_specs", layer_specs)
-    seen = []
-
-    def build(args, name, device):
-        seen.append(name)
-        block, _ = model_build.layer_specs()
-        return SimpleNamespace(name=name, fc1=block.linear_fc1, fc2=block.linear_fc2)
-
-    wrapped = _deepgemm_build(build)
-    plain = wrapped(None, "ours_1f1b+gaf", None)
-    fast = wrapped(None, "ours_1f1b+gaf+deepgemm-torchq", None)
-    again = wrapped(None, "ours_dualpipev", None)
-    assert seen == ["ours_1f1b+gaf", "ours_1f1b+gaf", "ours_dualpipev"]
-    assert plain.fc1 is _FakeColumn and again.fc2 is _FakeRow
-    assert fast.name == "ours_1f1b+gaf+deepgemm-torchq"
-    assert issubclass(fast.fc1, _FakeColumn) and issubclass(fast.fc2, _FakeRow)
-    assert fast.fc1.deepgemm_quantizer == "torch" and fast.fc1 is not _FakeColumn
-    assert model_build.layer_specs is layer_specs
-
-
 def test_inside_megatron_te_grouped_mlp(dg, monkeypatch):
     """Megatron-Core's own TEGroupedMLP (SwiGLU, router probabilities) with the swapped
     linears: its calls reach DeepGEMM with the right splits (each GEMM's output against the
