@@ -3,7 +3,7 @@ against the float64 reference of the dequantized operands that tests/test_deepge
 checks the CPU emulator against, and the module under TE's blockwise FP8 autocast.
 
     bash .deepgemm/build.sh      # DeepGEMM 2.6.1 from the carried source (docs/fp8.md)
-    PYTHONPATH=$PWD:/root/deepgemm/DeepGEMM python -m pytest -q -s -m gpu \\
+    PYTHONPATH=$PWD:${DEEPGEMM_DIR:-$HOME/deepgemm}/DeepGEMM python -m pytest -q -s -m gpu \\
         tests/test_deepgemm_experts_gpu.py
 
 The first run JIT-compiles about six kernels with nvcc (tens of seconds each).
