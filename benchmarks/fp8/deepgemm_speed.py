@@ -6,7 +6,8 @@ the wgrad operand (`+deepgemm-terows`), or with plain torch ops only (`+deepgemm
 slow); the last two are fall-backs should TE's columnwise layout not be what the code expects.
 BF16 steps stay on TE.
 
-    PYTHONPATH=$PWD:${DEEPGEMM_DIR:-$HOME/deepgemm}/DeepGEMM python -m benchmarks.fp8.deepgemm_speed \\
+    export PYTHONPATH=$PWD:${DEEPGEMM_DIR:-$HOME/deepgemm}/DeepGEMM
+    python -m benchmarks.fp8.deepgemm_speed \\
         --systems ours_1f1b+padcap+gaf,ours_1f1b+padcap+gaf+deepgemm --precisions bf16,fp8 \\
         --layers 2 --warmup-steps 4 --rounds 5 --steps-per-round 2 --profile \\
         --json speed_deepgemm.json
