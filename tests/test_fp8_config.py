@@ -11,6 +11,7 @@ from torch import nn
 from megatron_dualpipe.config import load_recipe, parse_recipe
 from megatron_dualpipe.config.load import load_raw
 from megatron_dualpipe.config.to_megatron import transformer_config_kwargs
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.fp8 import (
     check_fp8_environment,
     check_fp8_recipe,
@@ -494,3 +495,37 @@ def test_bf16_modules_appear_in_the_static_report():
 def test_bf16_modules_cannot_combine_with_fp8_params():
     with pytest.raises(ValueError, match="fp8.bf16_modules.*fp8.param_gather"):
         parse_recipe(raw_proxy(fp8={"bf16_modules": ["*down_proj"], "param_gather": True}))
+
+
+# --- fp8.expert_gemm (DeepGEMM behind the routed experts) ---------------------------------------
+
+def test_deepgemm_experts_are_refused_where_they_cannot_run():
+    from megatron_dualpipe.config.expert_gemm import check_expert_gemm
+
+    rank = RECIPES / "deepseek_v3_rank_1gpu.yaml"
+    ok = load_recipe(rank, ["fp8.expert_gemm=deepgemm"])
+    check_expert_gemm(ok)  # V3's rank shapes, blockwise, TE, grouped experts, TP 1
+    for sets, needle in ((["fp8.recipe=current"], "fp8.recipe=blockwise (got current)"),
+                         (["model.spec=local"], "model.spec=te (got local)"),
+                         (["moe.grouped_gemm=false"], "moe.grouped_gemm=true"),
+                         (["fp8.param_gather=true"], "fp8.param_gather=false")):
+        with pytest.raises(UserError) as err:
+            load_recipe(rank, ["fp8.expert_gemm=deepgemm", *sets])
+        message = str(err.value)
+        assert "fp8.expert_gemm=deepgemm needs" in message and needle in message, message
+        assert "fp8.expert_gemm=te" in message and "\n" not in message
+
+
+def test_deepgemm_experts_need_deep_gemm_at_train_time():
+    from megatron_dualpipe.config.expert_gemm import check_expert_gemm_installed
+
+    recipe = load_recipe(RECIPES / "deepseek_v3_rank_1gpu.yaml",
+                         ["fp8.expert_gemm=deepgemm"])
+    try:
+        import deep_gemm  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="needs DeepGEMM .* set fp8.expert_gemm=te"):
+            check_expert_gemm_installed(recipe)
+    else:
+        check_expert_gemm_installed(recipe)
+    check_expert_gemm_installed(load_recipe(RECIPES / "deepseek_v3_rank_1gpu.yaml"))

@@ -18,6 +18,7 @@ from megatron_dualpipe.config import validate as V
 from megatron_dualpipe.config import validate_training as T
 from megatron_dualpipe.config.data_files import check_indexed_data
 from megatron_dualpipe.config.dispatcher import check_dispatcher, check_dispatcher_installed
+from megatron_dualpipe.config.expert_gemm import check_expert_gemm, check_expert_gemm_installed
 from megatron_dualpipe.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ RECIPE_RULES: list[Rule] = [
     Rule(V.check_batch),
     Rule(V.check_eplb),
     Rule(V.check_fp8),
+    Rule(check_expert_gemm),
     Rule(V.check_fusions),
 ]
 
@@ -63,6 +65,7 @@ TRAIN_RULES: list[Rule] = [
     Rule(T.check_recompute),
     Rule(T.check_batch_ramp),
     Rule(check_dispatcher_installed),
+    Rule(check_expert_gemm_installed),
     Rule(check_indexed_data),
 ]
 

@@ -213,6 +213,17 @@ class FP8Config(Section):
         description="keep the SwiGLU input for the backward in FP8 (Megatron "
         "activation_func_fp8_input_store; DeepSeek-V3 §3.3.3)",
     )
+    expert_gemm: Literal["te", "deepgemm"] = Field(
+        "te",
+        description="the routed experts' blockwise FP8 GEMMs: te (Transformer Engine) or "
+        "deepgemm (DeepSeek's DeepGEMM, built from source; experimental, CPU-checked against "
+        "an emulator, not yet run on a GPU: docs/fp8.md; config/expert_gemm.py)",
+    )
+    deepgemm_quantizer: Literal["te", "te-rows", "torch"] = Field(
+        "te",
+        description="with expert_gemm=deepgemm: the activation quantize kernels (te: TE's "
+        "fused kernel; te-rows: TE for the GEMM operand, torch for the wgrad operand; torch)",
+    )
     bf16_modules: list[str] = Field(
         default_factory=list,
         description="glob patterns on module names inside a model chunk (e.g. "

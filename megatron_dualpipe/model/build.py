@@ -7,9 +7,6 @@ layer-pattern model whose MoE path has no schedule-plan support in 0.19.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import torch
 
 from megatron_dualpipe import te
@@ -22,6 +19,7 @@ from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.fp8.overrides import apply_bf16_modules
 from megatron_dualpipe.model.init import init_chunk
 from megatron_dualpipe.model.layout import ChunkPlacement, chunk_placements
+from megatron_dualpipe.model.spec_walk import walk_spec
 from megatron_dualpipe.model.wgrad_fusion import fuse_te_wgrad_accumulation
 from megatron_dualpipe.schedules.spec import SPECS
 
@@ -66,35 +64,18 @@ def layer_specs(config, placement: ChunkPlacement, use_te: bool, router_cls=None
             pp_rank=placement.stage_rank,
         )
     if router_cls is not None:
-        set_router(block, router_cls, set())
-        set_router(mtp, router_cls, set())
+        set_router(block, router_cls)
+        set_router(mtp, router_cls)
     return block, mtp
 
 
-def set_router(spec, router_cls, seen: set) -> None:
-    """Set `router_cls` on every `MoESubmodules` reachable from `spec`.
-
-    Megatron-Core 0.19's MoE specs are `functools.partial(MoELayer, submodules=...)` as well as
-    `ModuleSpec`s, so the walk looks into partials, lists and dataclasses.
-    """
+def set_router(spec, router_cls) -> None:
+    """Set `router_cls` on every `MoESubmodules` reachable from `spec`."""
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
-    if spec is None or id(spec) in seen or isinstance(spec, (str, int, float, type)):
-        return
-    seen.add(id(spec))
-    if isinstance(spec, MoESubmodules):
-        spec.router = router_cls
-        return
-    if isinstance(spec, functools.partial):
-        children = list(spec.args) + list(spec.keywords.values())
-    elif isinstance(spec, (list, tuple)):
-        children = list(spec)
-    elif dataclasses.is_dataclass(spec):
-        children = [getattr(spec, f.name) for f in dataclasses.fields(spec)]
-    else:
-        children = [getattr(spec, "submodules", None)]
-    for child in children:
-        set_router(child, router_cls, seen)
+    for node in walk_spec(spec):
+        if isinstance(node, MoESubmodules):
+            node.router = router_cls
 
 
 def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_te: bool,
@@ -112,6 +93,11 @@ def build_chunk(recipe: Recipe, config, placement: ChunkPlacement, device, use_t
 
     config = chunk_config(config, megatron_layout(recipe), placement)
     block, mtp = layer_specs(config, placement, use_te, router_cls)
+    if recipe.fp8.expert_gemm == "deepgemm":
+        from megatron_dualpipe.fp8.deepgemm import deepgemm_expert_spec
+
+        for spec in (block, mtp):
+            deepgemm_expert_spec(spec, recipe.fp8.deepgemm_quantizer)
     ours = SPECS[recipe.parallel.schedule].dualpipe_family
     chunk = GPTModel(
         config=config,

@@ -149,5 +149,5 @@ def test_set_router_reaches_partial_moe_specs():
         mlp=functools.partial(MoELayer, submodules=subs)))
     block = TransformerBlockSubmodules(layer_specs=[layer])
     cls = make_router_class(8, 0.5)
-    set_router(block, cls, set())
+    set_router(block, cls)
     assert subs.router is cls and cls.num_logical == 8 and cls.bias_init == 0.5

@@ -10,13 +10,9 @@ weights quantized once per step; otherwise (BF16 steps, modules kept BF16 by
 unchanged, so BF16 is bit for bit TE's.
 
 `deepgemm_expert_spec(spec)` swaps those two classes in every `GroupedMLPSubmodules` reachable
-from a layer / block / MoE spec (in place) and leaves everything else alone. How model/build.py
-will call it once the recipe has `fp8.gemm_backend: deepgemm` (not wired yet):
-
-    block, mtp = layer_specs(config, placement, use_te, router_cls)
-    if recipe.fp8.gemm_backend == "deepgemm":      # checked: fp8.recipe blockwise, TP=1, TE
-        deepgemm_expert_spec(block)
-        deepgemm_expert_spec(mtp)
+from a layer / block / MoE spec (in place) and leaves everything else alone; `model/build.py`
+calls it for every chunk when the recipe sets `fp8.expert_gemm: deepgemm`
+(`config/expert_gemm.py` checks the recipe first).
 
 Not supported (refused at construction): expert biases, expert TP > 1, TE's delayed wgrad
 (`delay_wgrad_compute`), FP8 primary weights, in/out features not multiples of 128. The
@@ -27,12 +23,12 @@ reports these modules as not FP8.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from megatron_dualpipe.fp8.deepgemm.function import GemmOptions, grouped_fp8_gemm
 from megatron_dualpipe.fp8.deepgemm.quantize import QUANTIZERS
 from megatron_dualpipe.fp8.deepgemm.weights import WeightCache
+from megatron_dualpipe.model.spec_walk import walk_spec
 
 
 def active_fp8_recipe():
@@ -149,7 +145,7 @@ def deepgemm_expert_spec(spec, quantizer: str | None = None) -> int:
     from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 
     swapped = 0
-    for node in _walk(spec, set()):
+    for node in walk_spec(spec):
         if not isinstance(node, GroupedMLPSubmodules):
             continue
         if all(isinstance(c, type) and issubclass(c, DeepGEMMGroupedLinearMixin)
@@ -159,21 +155,3 @@ def deepgemm_expert_spec(spec, quantizer: str | None = None) -> int:
         node.linear_fc2 = deepgemm_grouped_linear(node.linear_fc2, quantizer)
         swapped += 1
     return swapped
-
-
-def _walk(spec, seen: set):
-    """`spec` and every spec object below it (depth first, each once)."""
-    if spec is None or id(spec) in seen or isinstance(spec, (str, int, float, type)):
-        return
-    seen.add(id(spec))
-    yield spec
-    if isinstance(spec, functools.partial):
-        children = list(spec.args) + list(spec.keywords.values())
-    elif isinstance(spec, (list, tuple)):
-        children = list(spec)
-    elif dataclasses.is_dataclass(spec):
-        children = [getattr(spec, f.name) for f in dataclasses.fields(spec)]
-    else:
-        children = [getattr(spec, "submodules", None), getattr(spec, "params", None)]
-    for child in children:
-        yield from _walk(child, seen)
