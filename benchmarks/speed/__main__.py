@@ -83,10 +83,6 @@ def build(args, name: str, device):
     return system
 
 
-def error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-
-
 def init_process_groups(device) -> None:
     """A world of one process with Megatron-Core's own calls; every system uses these groups.
     On CPU (--tiny) Megatron-Core needs the project's CPU patches (megatron_dualpipe/patches)."""
@@ -114,6 +110,7 @@ def memory_gb(device) -> float:
 
 def run(args) -> dict:
 
+    from benchmarks.fp8.common import _short
     from benchmarks.speed.flops import H200_BF16_DENSE_TFLOPS, training_flops_per_token
     from benchmarks.speed.systems import CachedBatches
     from benchmarks.speed.variants import precision_setting, runs_precision
@@ -138,10 +135,8 @@ def run(args) -> dict:
     for name in names:  # build all first: the models live side by side
         try:
             systems[name] = build(args, name, device)
-        except SystemExit:
-            raise
         except Exception as err:  # a failing system is reported; the others still run
-            errors[name] = error_text(err)
+            errors[name] = _short(err)
             print(f"[speed] {name} failed to build: {errors[name]}", flush=True)
             continue
         built_gb[name] = memory_gb(device)
@@ -167,7 +162,7 @@ def run(args) -> dict:
         try:
             go(name, precision, args.warmup_steps, warmup)
         except Exception as err:  # e.g. a kernel this variant needs: report, go on
-            errors[f"{name}/{precision}"] = error_text(err)
+            errors[f"{name}/{precision}"] = _short(err)
             print(f"[speed] {name}/{precision} failed: {errors[f'{name}/{precision}']}",
                   flush=True)
             variants.remove((name, precision))

@@ -64,13 +64,19 @@ def transformer_configs(chunks) -> list:
     return list(found.values())
 
 
+# The FP8 router padding each config was built with (`config/to_megatron.py` decides it from
+# the recipe), kept while BF16 steps turn it off.
+_BUILT_ROUTER_PADDING: dict[int, bool] = {}
+
+
 def set_fp8(chunks, fp8_format: str | None) -> None:
     """Run the chunks in FP8 (`fp8_format`, e.g. "e4m3") or BF16 (None) from the next step."""
     for config in transformer_configs(chunks):
         config.fp8 = fp8_format
         if config.num_moe_experts:
-            config.moe_router_padding_for_quantization = (
-                fp8_format is not None and not config.moe_pad_expert_input_to_capacity)
+            built = _BUILT_ROUTER_PADDING.setdefault(
+                id(config), bool(config.moe_router_padding_for_quantization))
+            config.moe_router_padding_for_quantization = fp8_format is not None and built
 
 
 def set_bf16_modules(chunks, patterns) -> list[str]:
