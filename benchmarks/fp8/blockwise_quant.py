@@ -8,8 +8,6 @@ so; `te_quantize_1x128` is the fused-kernel path (TE's Float8BlockQuantizer).
 
 from __future__ import annotations
 
-import inspect
-
 FP8_MAX = 448.0
 BLOCK = 128
 
@@ -70,36 +68,19 @@ def dequant_128x128(q, sf):
 def quant_k_major_groups(x, ks):
     """K-grouped operand of DeepGEMM's SM90 wgrad kernel (`k_grouped_fp8_gemm_nt_contiguous`):
     rows [k_g, mn] of each group cast with 128x1 tiles along k (k_g multiples of 128), stored
-    transposed (k-major) and flattened; scales [mn, sum k_g/128] (MN-major view)."""
-    import torch
+    transposed (k-major) and flattened; scales [mn, sum k_g/128] (MN-major view). The
+    training path's quantizer (`fp8/deepgemm/quantize.py`) with the groups in order."""
+    from megatron_dualpipe.fp8.deepgemm.quantize import quantize_k_major
 
-    mn = x.size(1)
-    data = torch.zeros(x.numel(), dtype=torch.float8_e4m3fn, device=x.device)
-    sfs, start = [], 0
-    for k in ks:
-        if k == 0:
-            continue
-        v = x[start:start + k].float().view(k // BLOCK, BLOCK, mn)
-        sf = v.abs().amax(1).clamp(min=1e-4) / FP8_MAX
-        q = (v / sf.unsqueeze(1)).to(torch.float8_e4m3fn).view(k, mn)
-        data[start * mn:(start + k) * mn] = q.t().flatten()
-        sfs.append(sf)
-        start += k
-    return data, torch.cat(sfs).t()
+    return quantize_k_major(x, list(ks), list(range(len(ks))))
 
 
 def te_block_quantizer(columnwise: bool):
     """TE's 1x128 quantizer (rowwise; with `columnwise` also the transposed copy for wgrad), or
-    raise if this TE has none."""
-    import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
-    import transformer_engine_torch as tex
-    from transformer_engine.pytorch.tensor.float8_blockwise_tensor import Float8BlockQuantizer
+    raise if this TE has none (the training path's, `fp8/deepgemm/quantize.py`)."""
+    from megatron_dualpipe.fp8.deepgemm.quantize import make_te_block_quantizer
 
-    params = inspect.signature(Float8BlockQuantizer.__init__).parameters
-    kwargs = {"rowwise": True, "columnwise": columnwise, "block_scaling_dim": 1}
-    if "force_pow_2_scales" in params:
-        kwargs["force_pow_2_scales"] = False  # DeepSeek-V3: plain FP32 scales
-    return Float8BlockQuantizer(tex.DType.kFloat8E4M3, **kwargs)
+    return make_te_block_quantizer(columnwise)
 
 
 def te_quantize_1x128(quantizer, x):

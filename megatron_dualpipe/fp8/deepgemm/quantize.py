@@ -117,8 +117,9 @@ class ActivationQuantizer:
         return rows, (None if order is None else quantize_k_major(x, ks, order))
 
 
-@functools.cache
-def _te_block_quantizer(columnwise: bool):
+def make_te_block_quantizer(columnwise: bool):
+    """TE's 1x128 `Float8BlockQuantizer` (rowwise; with `columnwise` also the transposed copy)
+    with DeepSeek-V3's plain FP32 scales."""
     import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
     import transformer_engine_torch as tex
     from transformer_engine.pytorch.tensor.float8_blockwise_tensor import Float8BlockQuantizer
@@ -128,6 +129,9 @@ def _te_block_quantizer(columnwise: bool):
     if "force_pow_2_scales" in params:
         kwargs["force_pow_2_scales"] = False  # DeepSeek-V3: plain FP32 scales
     return Float8BlockQuantizer(tex.DType.kFloat8E4M3, **kwargs)
+
+
+_te_block_quantizer = functools.cache(make_te_block_quantizer)
 
 
 def _te_quantize(x, ks: list[int], order: list[int] | None):
