@@ -217,9 +217,16 @@ def profile_step(system, batches, step: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.fp8.proxy import is_annotation, kernel_breakdown, kernel_category
+    from benchmarks.speed.gaps import annotate_modules, idle_gaps
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        record = system.step(batches, step)
+    handles = [h for chunk in system.model for h in annotate_modules(chunk)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            record = system.step(batches, step)
+    finally:
+        for h in handles:
+            h.remove()
+    gaps = _trace_gaps(prof, idle_gaps)
     kernels = [e for e in prof.key_averages()
                if str(getattr(e, "device_type", "")).endswith("CUDA") and not is_annotation(e)]
     breakdown = kernel_breakdown(kernels)
@@ -229,7 +236,18 @@ def profile_step(system, batches, step: int) -> dict:
             "kernels_ms": breakdown,
             "launches": sum(getattr(e, "count", 0) for e in kernels),
             "top": [(e.key[:100], round(e.self_device_time_total / 1e3, 2), e.count,
-                     kernel_category(e.key)) for e in top]}
+                     kernel_category(e.key)) for e in top],
+            "gaps": gaps}
+
+
+def _trace_gaps(prof, idle_gaps) -> dict:
+    """idle_gaps() of the profiler's Chrome trace (benchmarks/speed/gaps.py)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return idle_gaps(json.loads(path.read_text()))
 
 
 def machine() -> dict:

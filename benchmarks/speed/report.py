@@ -87,7 +87,25 @@ def render(result: dict) -> str:
             cells = " | ".join(f"{p['kernels_ms'].get(c, 0):.1f}" for c in categories)
             lines.append(f"| {key} | {p['wall_ms']:.0f} | {p['busy_ms']:.0f} | "
                          f"{p['launches']} | {cells} |")
+        lines += _gap_lines(profiled)
     return "\n".join(lines)
+
+
+def _gap_lines(profiled: dict) -> list[str]:
+    """Idle GPU time of each profiled step and the host code it waited for (gaps.py)."""
+    with_gaps = {k: p["gaps"] for k, p in profiled.items() if p.get("gaps")}
+    if not with_gaps:
+        return []
+    lines = ["", "Idle GPU time in the profiled step (gaps between kernels; `late`: the next "
+             "kernel was launched after the GPU went idle) and the host code that launched "
+             "the kernel after the gap (top 3):", "",
+             "| variant | idle ms | late ms | gaps | waited for (ms, gaps) |",
+             "| --- | --- | --- | --- | --- |"]
+    for key, g in with_gaps.items():
+        top = "; ".join(f"{label} {ms:.1f} ({n})" for label, ms, n in g["by_launcher"][:3])
+        lines.append(f"| {key} | {g['idle_ms']:.1f} | {g['late_ms']:.1f} | {g['num_gaps']} | "
+                     f"{top.replace('|', '/')} |")
+    return lines
 
 
 def _run_text(result: dict) -> str:
