@@ -64,7 +64,7 @@ def test_kernels_against_reference(quantizer):
         p.main_grad = buffer[i * N * K:(i + 1) * N * K].view(N, K)
         p.grad_added_to_main_grad = False
     options = GemmOptions(accumulate=True, quantizer=quantizer)
-    quantized = WeightCache().get(params)
+    quantized = WeightCache(quantizer).get(params)  # `te`: TE's fused 128x128 kernel
     total = torch.zeros(G, N, K, dtype=torch.float64, device="cuda")
     for micro in range(2):
         _, x, dy = _case(1 + micro)
@@ -122,3 +122,22 @@ def test_module_under_te_blockwise_autocast():
     print("[deepgemm module] " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert bias is None
     assert errs["y"] < FP8_BOUND and errs["dx"] < FP8_BOUND and errs["dw"] < FP8_BOUND
+
+
+@pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine")
+def test_te_weight_quantization_matches_the_torch_path():
+    """TE's fused 128x128 quantizer gives the torch path's scales and (within one E4M3 step)
+    values, for W and for W^T."""
+    from megatron_dualpipe.fp8.deepgemm.quantize import quantize_weights, quantize_weights_te
+
+    ws, _, _ = _case(4)
+    ours, te_q = quantize_weights(ws), quantize_weights_te(ws)
+    for (q, sf), (q_te, sf_te), what in ((ours.w, te_q.w, "W"), (ours.wt, te_q.wt, "W^T")):
+        assert q_te.shape == q.shape and sf_te.shape == sf.shape, what
+        assert torch.allclose(sf_te, sf, rtol=1e-5, atol=0), what
+        deq = q.float().view(sf.shape[0], sf.shape[1], 128, sf.shape[2], 128) \
+            * sf[:, :, None, :, None]
+        deq_te = q_te.float().view(deq.shape) * sf_te[:, :, None, :, None]
+        err = rel_err(deq_te, deq)
+        print(f"[deepgemm weights] {what}: TE vs torch {err:.2e}")
+        assert err < 1e-2, what

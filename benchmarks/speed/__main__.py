@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--profile", action="store_true",
                    help="after timing, one profiled step per variant: GPU kernel ms by category")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: keep each profiled step's Chrome trace here (gzip)")
     p.add_argument("--json", default=None, help="write all numbers here")
     p.add_argument("--write-docs", action="store_true",
                    help="write the table into docs/benchmarks.md (section speed)")
@@ -184,7 +186,9 @@ def run(args) -> dict:
     if args.profile and device.type == "cuda":
         for name, precision in variants:
             systems[name].set_precision(*settings[precision])
-            profiles[f"{name}/{precision}"] = profile_step(systems[name], batches, step)
+            trace = (Path(args.trace_dir) / f"{name}_{precision}.json.gz".replace(":", "-")
+                     if args.trace_dir else None)
+            profiles[f"{name}/{precision}"] = profile_step(systems[name], batches, step, trace)
             step += 1
     tokens = base.train.global_batch_size * base.model.seq_length
     flops = training_flops_per_token(base) * tokens
@@ -211,13 +215,18 @@ def run(args) -> dict:
             "steps_per_round": args.steps_per_round, "command": command_line()}
 
 
-def profile_step(system, batches, step: int) -> dict:
-    """Wall ms and GPU kernel ms per category (benchmarks/fp8/proxy.py's table) of one step."""
+def profile_step(system, batches, step: int, trace_path: Path | None = None) -> dict:
+    """Wall ms of one profiled step, its GPU kernel ms per category (benchmarks/fp8/proxy.py's
+    table; every kernel counted in full, also where kernels overlap) and where the GPU idled
+    (benchmarks/speed/gaps.py). `trace_path`: also keep the Chrome trace there (gzip)."""
+    import gzip
+    import tempfile
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.fp8.proxy import is_annotation, kernel_breakdown, kernel_category
-    from benchmarks.speed.gaps import annotate_modules, idle_gaps
+    from benchmarks.fp8.proxy import kernel_category
+    from benchmarks.speed.gaps import annotate_modules, idle_gaps, kernel_totals
 
     handles = [h for chunk in system.model for h in annotate_modules(chunk)]
     try:
@@ -226,28 +235,27 @@ def profile_step(system, batches, step: int) -> dict:
     finally:
         for h in handles:
             h.remove()
-    gaps = _trace_gaps(prof, idle_gaps)
-    kernels = [e for e in prof.key_averages()
-               if str(getattr(e, "device_type", "")).endswith("CUDA") and not is_annotation(e)]
-    breakdown = kernel_breakdown(kernels)
-    top = sorted(kernels, key=lambda e: -(e.self_device_time_total or 0))[:15]
     torch.cuda.synchronize()
-    return {"wall_ms": record["step_time_s"] * 1e3, "busy_ms": sum(breakdown.values()),
-            "kernels_ms": breakdown,
-            "launches": sum(getattr(e, "count", 0) for e in kernels),
-            "top": [(e.key[:100], round(e.self_device_time_total / 1e3, 2), e.count,
-                     kernel_category(e.key)) for e in top],
-            "gaps": gaps}
-
-
-def _trace_gaps(prof, idle_gaps) -> dict:
-    """idle_gaps() of the profiler's Chrome trace (benchmarks/speed/gaps.py)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
-        return idle_gaps(json.loads(path.read_text()))
+        text = path.read_text()
+    if trace_path is not None:
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        trace_path.write_bytes(gzip.compress(text.encode(), compresslevel=6))
+    trace = json.loads(text)
+    totals = kernel_totals(trace)
+    breakdown: dict[str, float] = {}
+    for name, (ms, _) in totals.items():
+        category = kernel_category(name)
+        breakdown[category] = breakdown.get(category, 0.0) + ms
+    breakdown = dict(sorted(breakdown.items(), key=lambda kv: -kv[1]))
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"wall_ms": record["step_time_s"] * 1e3, "busy_ms": sum(breakdown.values()),
+            "kernels_ms": breakdown, "launches": sum(n for _, n in totals.values()),
+            "top": [(name[:100], round(ms, 2), n, kernel_category(name))
+                    for name, (ms, n) in top],
+            "gaps": idle_gaps(trace)}
 
 
 def machine() -> dict:

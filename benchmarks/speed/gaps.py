@@ -141,6 +141,19 @@ def idle_gaps(trace: dict, min_gap_us: float = 2.0, top: int = 12) -> dict:
     }
 
 
+def kernel_totals(trace: dict) -> dict[str, list]:
+    """{GPU event name: [total ms, count]} of a trace's kernels, copies and memsets, each
+    counted for its whole duration (also where kernels overlap, e.g. programmatic dependent
+    launch, which the profiler's per-op self times split)."""
+    totals: dict[str, list] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in BUSY_CATS:
+            t = totals.setdefault(e["name"], [0.0, 0])
+            t[0] += e.get("dur", 0) / 1e3
+            t[1] += 1
+    return totals
+
+
 def annotate_modules(model) -> list:
     """Profiler ranges named after each submodule's class around its forward (so a forward-pass
     gap names its module); returns the hook handles (call `.remove()` on each to undo)."""

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from benchmarks.speed.gaps import _Ranges, annotate_modules, idle_gaps
+from benchmarks.speed.gaps import _Ranges, annotate_modules, idle_gaps, kernel_totals
 from benchmarks.speed.report import render
 
 
@@ -87,3 +87,36 @@ def test_report_shows_the_idle_table():
                                         "gaps": idle_gaps(_trace())}}
     text = render({"rows": {"ours_1f1b/fp8": row}, "errors": {}})
     assert "| ours_1f1b/fp8 | 0.0 | 0.0 | 2 | module MoELayer > aten::mm 0.0 (1)" in text
+
+
+def test_kernel_totals_count_overlapping_kernels_in_full():
+    trace = _trace()
+    trace["traceEvents"].append(_x("kernel", "k1", 40, 20, tid=10))  # overlaps the first k1
+    totals = kernel_totals(trace)
+    assert totals["k1"] == [0.05, 2] and totals["Memcpy DtoH"] == [0.001, 1]
+    assert set(totals) == {"k1", "Memcpy DtoH", "k3", "k4"}
+    from benchmarks.fp8.expert_module import kernel_table
+
+    assert kernel_table(trace, top=2) == [("k1", 0.05, 2), ("k3", 0.01, 1)]
+
+
+def test_profile_step_runs_on_a_cpu_model_and_keeps_the_trace(tmp_path, monkeypatch):
+    """The profiled-step path end to end on CPU (no kernels: no GPU time, no gaps)."""
+    import gzip
+
+    from benchmarks.speed.__main__ import profile_step
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+    class System:
+        model = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())]
+
+        def step(self, batches, step):
+            self.model[0](torch.randn(4, 8)).sum().backward()
+            return {"step_time_s": 0.25}
+
+    trace = tmp_path / "t" / "trace.json.gz"
+    p = profile_step(System(), None, 0, trace)
+    assert p["wall_ms"] == 250 and p["launches"] == 0 and p["gaps"]["num_gaps"] == 0
+    names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+    assert {"module Sequential", "module Linear", "aten::addmm"} <= names

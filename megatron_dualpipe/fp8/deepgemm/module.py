@@ -55,7 +55,7 @@ class DeepGEMMGroupedLinearMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.deepgemm_weights = WeightCache()
+        self.deepgemm_weights = WeightCache(self.deepgemm_quantizer or default_quantizer())
         problems = _unsupported(self)
         if problems:
             raise ValueError(f"{type(self).__name__}: DeepGEMM experts do not support "

@@ -11,8 +11,9 @@ implementations of the activation side:
 * `te-rows`: TE's kernel for the rowwise copy only (the layout benchmarks/fp8 validated on the
   H200), the wgrad operand by the torch path.
 
-Weights always use the torch path: once per optimizer step, W and W^T from one pass (128x128
-blocks are square, so W^T's quantization is W's transposed).
+Weights are quantized once per optimizer step, W and W^T from one pass (128x128 blocks are
+square, so W^T's quantization is W's transposed): by TE's fused 128x128 kernel with the `te`
+activation quantizer, else by the torch path.
 """
 
 from __future__ import annotations
@@ -100,6 +101,24 @@ def quantize_weights(w) -> QuantizedWeights:
                                            sf.transpose(1, 2).contiguous()))
 
 
+def quantize_weights_te(w) -> QuantizedWeights:
+    """`quantize_weights` by TE's fused 128x128 `Float8BlockQuantizer` (one kernel for W and
+    its transposed copy; DeepSeek-V3's plain FP32 scales)."""
+    import torch
+
+    G, N, K = w.shape
+    t = _te_block_quantizer(True, 2).quantize(w.reshape(G * N, K))
+    row_sf, col, col_sf = t._rowwise_scale_inv, t._columnwise_data, t._columnwise_scale_inv
+    _check_shape("128x128 rowwise", row_sf, (G * N // BLOCK, tma_aligned(K // BLOCK)))
+    _check_shape("128x128 columnwise data", col, (K, G * N))
+    _check_shape("128x128 columnwise", col_sf, (K // BLOCK, tma_aligned(G * N // BLOCK)))
+    q = t._rowwise_data.view(torch.float8_e4m3fn).view(G, N, K)
+    sf = row_sf[:, :K // BLOCK].reshape(G, N // BLOCK, K // BLOCK).contiguous()
+    qt = col.view(torch.float8_e4m3fn).view(K, G, N).permute(1, 0, 2).contiguous()
+    sft = col_sf[:, :G * N // BLOCK].reshape(K // BLOCK, G, N // BLOCK).permute(1, 0, 2)
+    return QuantizedWeights(w=(q, sf), wt=(qt, sft.contiguous()))
+
+
 class ActivationQuantizer:
     """Quantizes an expert-padded activation x [Mp, K] into the forward/dgrad operand (rows)
     and, when asked, the wgrad operand (k-major per expert), with the `torch` or `te` kernels."""
@@ -117,15 +136,16 @@ class ActivationQuantizer:
         return rows, (None if order is None else quantize_k_major(x, ks, order))
 
 
-def make_te_block_quantizer(columnwise: bool):
-    """TE's 1x128 `Float8BlockQuantizer` (rowwise; with `columnwise` also the transposed copy)
-    with DeepSeek-V3's plain FP32 scales."""
+def make_te_block_quantizer(columnwise: bool, block_scaling_dim: int = 1):
+    """TE's `Float8BlockQuantizer`, 1x128 tiles (`block_scaling_dim` 1) or 128x128 blocks (2),
+    rowwise and, with `columnwise`, the transposed copy, with DeepSeek-V3's plain FP32
+    scales."""
     import transformer_engine.pytorch  # noqa: F401 - loads TE's core library first
     import transformer_engine_torch as tex
     from transformer_engine.pytorch.tensor.float8_blockwise_tensor import Float8BlockQuantizer
 
     params = inspect.signature(Float8BlockQuantizer.__init__).parameters
-    kwargs = {"rowwise": True, "columnwise": columnwise, "block_scaling_dim": 1}
+    kwargs = {"rowwise": True, "columnwise": columnwise, "block_scaling_dim": block_scaling_dim}
     if "force_pow_2_scales" in params:
         kwargs["force_pow_2_scales"] = False  # DeepSeek-V3: plain FP32 scales
     return Float8BlockQuantizer(tex.DType.kFloat8E4M3, **kwargs)

@@ -11,7 +11,11 @@ bump `_version`: the per-step `refresh` flag is what catches them.
 
 from __future__ import annotations
 
-from megatron_dualpipe.fp8.deepgemm.quantize import QuantizedWeights, quantize_weights
+from megatron_dualpipe.fp8.deepgemm.quantize import (
+    QuantizedWeights,
+    quantize_weights,
+    quantize_weights_te,
+)
 
 
 def stack_experts(weights):
@@ -27,7 +31,9 @@ def stack_experts(weights):
 class WeightCache:
     """The last quantization of one module's expert weights and what it was made from."""
 
-    def __init__(self):
+    def __init__(self, quantizer: str = "torch"):
+        """`quantizer`: `te` quantizes with TE's fused kernel, anything else with torch ops."""
+        self.quantize = quantize_weights_te if quantizer == "te" else quantize_weights
         self._key = None
         self._value: QuantizedWeights | None = None
         self.refreshes = 0
@@ -42,7 +48,7 @@ class WeightCache:
         A refresh makes a new object: backwards still pending keep the copy they used."""
         key = self._key_of(weights)
         if refresh or self._value is None or key != self._key:
-            self._value = quantize_weights(stack_experts(weights))
+            self._value = self.quantize(stack_experts(weights))
             self._key = key
             self.refreshes += 1
         return self._value
