@@ -159,8 +159,17 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     return {"machine": machine_info(), "experts": args.experts, "rows_per_expert": args.rows,
             "quantizer": args.quantizer, "rounds": args.rounds, "iters": args.iters,
-            "shapes": results, "command": "python -m benchmarks.fp8.expert_module "
-            + " ".join(sys.argv[1:])}
+            "shapes": results, "command": command_line()}
+
+
+def command_line() -> str:
+    """This run's command, without machine paths (benchmarks/portable.py)."""
+    import shlex
+
+    from benchmarks.portable import portable
+
+    return "python -m benchmarks.fp8.expert_module " + shlex.join(
+        portable(a) for a in sys.argv[1:])
 
 
 def render(result: dict) -> str:
