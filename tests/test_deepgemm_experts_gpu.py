@@ -50,7 +50,9 @@ def _case(seed: int):
     return ws, x, dy
 
 
-QUANTIZERS = ["torch"] + (["te-rows", "te"] if HAVE_TE else [])
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+QUANTIZERS = (["torch"] + (["te-rows", "te"] if HAVE_TE else [])
+              + (["triton"] if HAVE_TRITON else []))
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
@@ -141,3 +143,21 @@ def test_te_weight_quantization_matches_the_torch_path():
         err = rel_err(deq_te, deq)
         print(f"[deepgemm weights] {what}: TE vs torch {err:.2e}")
         assert err < 1e-2, what
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_triton_quantizer_is_bit_for_bit_the_torch_path():
+    """Real FP8 stores on the GPU (the CPU test runs the interpreter with FP32 stores)."""
+    from megatron_dualpipe.fp8.deepgemm.quantize import quantize_k_major, quantize_rows
+    from megatron_dualpipe.fp8.deepgemm.triton_quant import quantize_rows_k_major
+
+    ks, order = [1024, 0, 384, 640], [3, 2, 1, 0]
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = (torch.randn(sum(ks), 1024, device="cuda", generator=g)
+         * torch.rand(sum(ks), 1, device="cuda", generator=g) * 4).bfloat16()
+    (q, sf), (qk, sfk) = quantize_rows_k_major(x, ks, order)
+    rq, rsf = quantize_rows(x)
+    kq, ksf = quantize_k_major(x, ks, order)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sf, rsf)
+    assert torch.equal(qk.view(torch.uint8), kq.view(torch.uint8)) and torch.equal(sfk, ksf)
+    assert sf.stride() == rsf.stride() and sfk.stride() == ksf.stride()

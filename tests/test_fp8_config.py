@@ -529,3 +529,23 @@ def test_deepgemm_experts_need_deep_gemm_at_train_time():
     else:
         check_expert_gemm_installed(recipe)
     check_expert_gemm_installed(load_recipe(RECIPES / "deepseek_v3_rank_1gpu.yaml"))
+
+
+def test_triton_quantizer_needs_triton_at_train_time(monkeypatch):
+    import importlib.util
+    import sys
+    from types import SimpleNamespace
+
+    from megatron_dualpipe.config.expert_gemm import check_expert_gemm_installed
+
+    monkeypatch.setitem(sys.modules, "deep_gemm", SimpleNamespace())  # DeepGEMM "installed"
+    recipe = load_recipe(RECIPES / "deepseek_v3_rank_1gpu.yaml",
+                         ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=triton"])
+    check_expert_gemm_installed(recipe)  # triton is installed here (scripts/install.sh)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(UserError, match="deepgemm_quantizer=triton needs the triton package"):
+        check_expert_gemm_installed(recipe)
+    with pytest.raises(UserError, match="deepgemm_quantizer.*triton"):
+        load_recipe(RECIPES / "deepseek_v3_rank_1gpu.yaml", ["fp8.deepgemm_quantizer=tritn"])

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 SHAPES = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (in K, out N) per expert
-VARIANTS = ("te_bf16", "te_blockwise", "te_blockwise+refresh", "deepgemm", "deepgemm+refresh")
+VARIANTS = ("te_bf16", "te_blockwise", "te_blockwise+refresh", "deepgemm", "deepgemm+refresh",
+            "deepgemm-triton", "deepgemm-triton+refresh")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=4096, help="rows per expert")
     p.add_argument("--shapes", default="fc1,fc2")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--quantizer", default="te", help="DeepGEMM activation quantizer")
+    p.add_argument("--quantizer", default="te",
+                   help="activation quantizer of the `deepgemm` variants (`deepgemm-triton`: "
+                   "the Triton kernel)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=4, help="calls per variant and round")
     p.add_argument("--json", default=None)
@@ -51,6 +54,8 @@ def build(variant: str, experts: int, k: int, n: int, quantizer: str):
 
     cls = te.GroupedLinear
     if variant.startswith("deepgemm"):
+        if variant.startswith("deepgemm-triton"):
+            quantizer = "triton"
         cls = deepgemm_grouped_linear(te.GroupedLinear, quantizer)
     module = cls(experts, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda",
                  fuse_wgrad_accumulation=True)

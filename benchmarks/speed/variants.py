@@ -15,10 +15,12 @@ MODIFIERS = {
     # every local expert (moe.topk == moe.num_experts, as in the rank recipe): `build` checks.
     "padcap": ["moe.capacity_factor=1.0", "moe.pad_to_capacity=true"],
     # The routed experts' blockwise FP8 GEMMs on DeepGEMM (fp8.expert_gemm; experimental), with
-    # TE's fused quantizer, TE's for the GEMM operand only, or plain torch ops (slow).
+    # TE's fused quantizer, TE's for the GEMM operand only, plain torch ops (slow), or our
+    # Triton kernel for both operands.
     "deepgemm": ["fp8.expert_gemm=deepgemm"],
     "deepgemm-terows": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=te-rows"],
     "deepgemm-torchq": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=torch"],
+    "deepgemm-triton": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=triton"],
 }
 MCORE_MODIFIERS = ("padcap",)
 # The DualPipeV modifiers that only change the schedule (its 1F1B counterpart lacks them).

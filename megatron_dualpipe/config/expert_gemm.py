@@ -2,15 +2,17 @@
 
 ``te`` (default): Transformer Engine's grouped GEMM. ``deepgemm``: DeepSeek's DeepGEMM kernels
 (`megatron_dualpipe/fp8/deepgemm`), swapped into Megatron-Core's TEGroupedMLP by its layer
-spec; experimental (checked on CPU against an emulator of the kernels, not yet run on a GPU).
+spec; experimental (checked on CPU against an emulator of the kernels and on one H200 against
+the same reference; not faster than ``te`` there yet: docs/fp8.md).
 What it needs, checked before any worker starts:
 
 * ``fp8.recipe=blockwise`` (DeepSeek-V3's 1x128 / 128x128 scaling is what the kernels take),
   BF16 weights (no ``fp8.param_gather``), Transformer Engine layer specs with grouped experts
   (``model.spec=te``, ``moe.grouped_gemm=true``), no expert tensor parallelism (``parallel.tp``
   1); sizes that are multiples of 128 come with blockwise (`validate.check_fp8`, run first);
-* the ``deep_gemm`` package importable on the GPU machine (`check_expert_gemm_installed`, a
-  `train` rule; docs/fp8.md, "Blockwise GEMM routes", builds it).
+* the ``deep_gemm`` package importable on the GPU machine, and Triton for
+  ``fp8.deepgemm_quantizer=triton`` (`check_expert_gemm_installed`, a `train` rule;
+  docs/fp8.md, "Blockwise GEMM routes", builds DeepGEMM).
 """
 
 from __future__ import annotations
@@ -55,3 +57,9 @@ def check_expert_gemm_installed(recipe: Recipe) -> None:
             f"{FIELD} needs DeepGEMM (the deep_gemm package), which does not import here "
             f"({type(err).__name__}: {first}); build it as docs/fp8.md says (\"Blockwise GEMM "
             "routes\"), or set fp8.expert_gemm=te") from None
+    if recipe.fp8.deepgemm_quantizer == "triton":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("fp8.deepgemm_quantizer=triton needs the triton package, which is "
+                            "not installed here; allowed otherwise: te, te-rows, torch")

@@ -216,13 +216,14 @@ class FP8Config(Section):
     expert_gemm: Literal["te", "deepgemm"] = Field(
         "te",
         description="the routed experts' blockwise FP8 GEMMs: te (Transformer Engine) or "
-        "deepgemm (DeepSeek's DeepGEMM, built from source; experimental, CPU-checked against "
-        "an emulator, not yet run on a GPU: docs/fp8.md; config/expert_gemm.py)",
+        "deepgemm (DeepSeek's DeepGEMM, built from source; experimental: on one H200 it is "
+        "not yet faster than te, docs/fp8.md; config/expert_gemm.py)",
     )
-    deepgemm_quantizer: Literal["te", "te-rows", "torch"] = Field(
+    deepgemm_quantizer: Literal["te", "te-rows", "torch", "triton"] = Field(
         "te",
         description="with expert_gemm=deepgemm: the activation quantize kernels (te: TE's "
-        "fused kernel; te-rows: TE for the GEMM operand, torch for the wgrad operand; torch)",
+        "fused kernel; te-rows: TE for the GEMM operand, torch for the wgrad operand; torch; "
+        "triton: one Triton kernel for both operands, not yet run on a GPU)",
     )
     bf16_modules: list[str] = Field(
         default_factory=list,

@@ -25,7 +25,8 @@ from megatron_dualpipe.fp8.deepgemm.quantize import ActivationQuantizer, Quantiz
 @dataclass(frozen=True)
 class GemmOptions:
     """`accumulate`: add weight gradients into `main_grad` (TE's `fuse_wgrad_accumulation`);
-    `quantizer`: activation quantization kernels, `torch`, `te` or `te-rows` (quantize.py)."""
+    `quantizer`: activation quantization kernels, `torch`, `te`, `te-rows` or `triton`
+    (quantize.py)."""
 
     accumulate: bool = False
     quantizer: str = "torch"

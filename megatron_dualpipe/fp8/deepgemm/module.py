@@ -123,8 +123,9 @@ def _unsupported(module) -> list[str]:
 @functools.cache
 def deepgemm_grouped_linear(base: type, quantizer: str | None = None) -> type:
     """`base` (a TE grouped-linear class) with DeepGEMM's forward under blockwise FP8;
-    `quantizer` (`torch` / `te` / `te-rows`, quantize.py) fixes the activation quantize kernels
-    (default: `te` on a GPU with TE). Idempotent: a DeepGEMM class is returned as it is."""
+    `quantizer` (`torch` / `te` / `te-rows` / `triton`, quantize.py) fixes the activation
+    quantize kernels (default: `te` on a GPU with TE). Idempotent: a DeepGEMM class is
+    returned as it is."""
     if quantizer is not None and quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     if issubclass(base, DeepGEMMGroupedLinearMixin):

@@ -9,11 +9,13 @@ implementations of the activation side:
   1x128 copy (forward / dgrad operand) and the columnwise copy (1x128 along the tokens), which
   is regrouped per expert into the wgrad operand;
 * `te-rows`: TE's kernel for the rowwise copy only (the layout benchmarks/fp8 validated on the
-  H200), the wgrad operand by the torch path.
+  H200), the wgrad operand by the torch path;
+* `triton`: one Triton kernel (triton_quant.py) writing both operands in DeepGEMM's layouts from
+  one read, bit for bit the torch path's values (no regrouping copy of the wgrad operand).
 
 Weights are quantized once per optimizer step, W and W^T from one pass (128x128 blocks are
 square, so W^T's quantization is W's transposed): by TE's fused 128x128 kernel with the `te`
-activation quantizer, else by the torch path.
+and `triton` activation quantizers (`weight_quantizer`), else by the torch path.
 """
 
 from __future__ import annotations
@@ -22,15 +24,9 @@ import functools
 import inspect
 from dataclasses import dataclass
 
-FP8_MAX = 448.0
-BLOCK = 128
-AMAX_FLOOR = 1e-4
-QUANTIZERS = ("torch", "te", "te-rows")
+from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
 
-
-def tma_aligned(n: int) -> int:
-    """FP32 scale rows padded to 16 bytes (TMA alignment)."""
-    return -(-n // 4) * 4
+QUANTIZERS = ("torch", "te", "te-rows", "triton")
 
 
 def _mn_major(sf):
@@ -119,6 +115,19 @@ def quantize_weights_te(w) -> QuantizedWeights:
     return QuantizedWeights(w=(q, sf), wt=(qt, sft.contiguous()))
 
 
+def weight_quantizer(activation_quantizer: str):
+    """The weights' quantization that goes with an activation quantizer: TE's fused kernel for
+    `te` and (where TE imports) `triton`, the torch path otherwise."""
+    if activation_quantizer == "te":
+        return quantize_weights_te
+    if activation_quantizer == "triton":
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is not None:
+            return quantize_weights_te
+    return quantize_weights
+
+
 class ActivationQuantizer:
     """Quantizes an expert-padded activation x [Mp, K] into the forward/dgrad operand (rows)
     and, when asked, the wgrad operand (k-major per expert), with the `torch` or `te` kernels."""
@@ -132,6 +141,10 @@ class ActivationQuantizer:
         """(rows pair, k-major pair or None when `order` is None)."""
         if self.kind == "te":
             return _te_quantize(x, ks, order)
+        if self.kind == "triton":
+            from megatron_dualpipe.fp8.deepgemm.triton_quant import quantize_rows_k_major
+
+            return quantize_rows_k_major(x, ks, order)
         rows = quantize_rows(x) if self.kind == "torch" else _te_quantize(x, ks, None)[0]
         return rows, (None if order is None else quantize_k_major(x, ks, order))
 

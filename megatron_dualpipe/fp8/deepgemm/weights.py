@@ -11,11 +11,7 @@ bump `_version`: the per-step `refresh` flag is what catches them.
 
 from __future__ import annotations
 
-from megatron_dualpipe.fp8.deepgemm.quantize import (
-    QuantizedWeights,
-    quantize_weights,
-    quantize_weights_te,
-)
+from megatron_dualpipe.fp8.deepgemm.quantize import QuantizedWeights, weight_quantizer
 
 
 def stack_experts(weights):
@@ -32,8 +28,8 @@ class WeightCache:
     """The last quantization of one module's expert weights and what it was made from."""
 
     def __init__(self, quantizer: str = "torch"):
-        """`quantizer`: `te` quantizes with TE's fused kernel, anything else with torch ops."""
-        self.quantize = quantize_weights_te if quantizer == "te" else quantize_weights
+        """`quantizer`: the activation quantizer these weights go with (`weight_quantizer`)."""
+        self.quantize = weight_quantizer(quantizer)
         self._key = None
         self._value: QuantizedWeights | None = None
         self.refreshes = 0
