@@ -49,6 +49,9 @@ def _release(state) -> None:
     import torch
     from megatron.core import parallel_state
 
+    from megatron_dualpipe.model.cuda_graphs import release_cuda_graphs
+
+    release_cuda_graphs(state.config)
     for name in ("model", "optimizer", "scheduler", "config"):
         setattr(state, name, None)
     parallel_state.destroy_model_parallel()

@@ -16,9 +16,14 @@ from megatron_dualpipe.checkpoint_files import already_complete, check_fresh_sta
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.dump import write_resolved
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
-from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
+from megatron_dualpipe.config.to_megatron import (
+    fusion_kwargs,
+    optimizer_config,
+    uses_cuda_graphs,
+)
 from megatron_dualpipe.data import make_sources
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
+from megatron_dualpipe.errors import UserError
 from megatron_dualpipe.evaluate import evaluate, evaluation_due
 from megatron_dualpipe.features import extensions, run_hooks
 from megatron_dualpipe.lifetime import STOP
@@ -101,6 +106,11 @@ def setup(recipe: Recipe) -> TrainState:
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
+    graphs = uses_cuda_graphs(recipe)
+    if graphs and device.type != "cuda":
+        raise UserError(f"model.cuda_graphs={recipe.model.cuda_graphs} needs a GPU (train.device="
+                        f"{recipe.train.device} resolved to {device.type}); allowed here: "
+                        "model.cuda_graphs=none")
     if needs_routing_map_copy(recipe, device.type):
         enable_routing_map_copy()
     os.environ.update(fp8_environment_variables(recipe))
@@ -108,7 +118,10 @@ def setup(recipe: Recipe) -> TrainState:
         apply_cpu_patches()
     init_distributed(recipe, device)
     torch.manual_seed(recipe.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed)
+    # CUDA graphs capture the RNG too: Megatron's graph-safe tracker (its CudaGraphManager
+    # refuses the plain one)
+    tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed,
+                                                    use_cudagraphable_rng=graphs)
     if recipe.train.deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     router_cls, hooks = extensions(recipe)

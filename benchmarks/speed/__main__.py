@@ -85,6 +85,17 @@ def build(args, name: str, device):
     return system
 
 
+def check_graphed(names: list[str], precisions: list[str]) -> None:
+    """`+graphs` (model.cuda_graphs=local): Megatron-Core's CUDA graphs are process-global (one
+    capturing model per process) and replay the kernels of their capture (no BF16/FP8 switch),
+    so a run holds at most one such system and one precision."""
+    graphed = [n for n in names if "graphs" in n.split("+")[1:]]
+    if len(graphed) > 1 or (graphed and len(precisions) > 1):
+        raise SystemExit(f"--systems {','.join(graphed)}: a +graphs system runs alone of its "
+                         f"kind and with one precision (got --precisions {','.join(precisions)})"
+                         "; Megatron-Core's CUDA graphs are one set per process")
+
+
 def init_process_groups(device) -> None:
     """A world of one process with Megatron-Core's own calls; every system uses these groups.
     On CPU (--tiny) Megatron-Core needs the project's CPU patches (megatron_dualpipe/patches)."""
@@ -122,6 +133,7 @@ def run(args) -> dict:
     single_process_env()
     names = [s for s in args.systems.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
+    check_graphed(names, precisions)
     base = load(args, "1f1b")
     device = resolve_device(base)
     if device.type == "cpu":

@@ -21,6 +21,9 @@ MODIFIERS = {
     "deepgemm-terows": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=te-rows"],
     "deepgemm-torchq": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=torch"],
     "deepgemm-triton": ["fp8.expert_gemm=deepgemm", "fp8.deepgemm_quantizer=triton"],
+    # The decoder layers in CUDA graphs (model.cuda_graphs=local; experimental): one such
+    # system and one precision per run (`check_graphed`).
+    "graphs": ["model.cuda_graphs=local"],
 }
 MCORE_MODIFIERS = ("padcap",)
 # The DualPipeV modifiers that only change the schedule (its 1F1B counterpart lacks them).

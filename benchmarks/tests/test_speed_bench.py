@@ -93,3 +93,15 @@ def test_tiny_run_of_every_system_in_one_process(tmp_path):
     assert result["errors"] == {}
     table = render(result)
     assert "ours_1f1b/bf16 over mcore_1f1b/bf16" in table
+
+
+
+def test_graphed_systems_run_alone_with_one_precision():
+    from benchmarks.speed.__main__ import check_graphed
+
+    check_graphed(["ours_1f1b+padcap", "ours_1f1b+padcap+graphs"], ["fp8"])
+    check_graphed(["ours_1f1b", "ours_dualpipev+nozb"], ["bf16", "fp8"])
+    with pytest.raises(SystemExit, match="one precision"):
+        check_graphed(["ours_1f1b+padcap+graphs"], ["bf16", "fp8"])
+    with pytest.raises(SystemExit, match="alone of its kind"):
+        check_graphed(["ours_1f1b+padcap+graphs", "ours_1f1b+padcap+gaf+graphs"], ["fp8"])

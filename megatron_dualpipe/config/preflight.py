@@ -25,6 +25,15 @@ def check_output_dirs(recipe: Recipe) -> None:
             _try_writing(field, Path(value))
 
 
+def check_cuda_graph_device(recipe: Recipe) -> None:
+    """`model.cuda_graphs` with `train.device=auto` on a machine without a GPU (explicit
+    `train.device=cpu` is a recipe rule, `validate.check_cuda_graphs`)."""
+    m = recipe.model
+    if m.cuda_graphs != "none" and recipe.train.device == "auto" and not _gpu_memory_gb():
+        raise UserError(f"model.cuda_graphs={m.cuda_graphs} needs a GPU and this machine has "
+                        "none (nvidia-smi finds no device); allowed here: model.cuda_graphs=none")
+
+
 def _try_writing(field: str, path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{field}={path}: exists and is not a directory")

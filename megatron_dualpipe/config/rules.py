@@ -55,6 +55,7 @@ RECIPE_RULES: list[Rule] = [
     Rule(V.check_fp8),
     Rule(check_expert_gemm),
     Rule(V.check_fusions),
+    Rule(V.check_cuda_graphs),
 ]
 
 # Rules only `train` enforces (`plan` reports them as warnings instead).
@@ -72,7 +73,7 @@ TRAIN_RULES: list[Rule] = [
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]
 
 # Rules about this machine (config/preflight.py); `train` runs them before it starts workers.
-MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs)]
+MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs), Rule(P.check_cuda_graph_device)]
 
 
 def launch_rules(memory: Rule | None = None) -> list[Rule]:

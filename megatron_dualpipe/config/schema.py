@@ -117,6 +117,18 @@ class ModelConfig(Section):
         "the FP32 main_grad (TE's fuse_wgrad_accumulation; Megatron's own linears, i.e. the "
         "output head, keep the separate add, so apex is not needed); ignored on CPU",
     )
+    cuda_graphs: Literal["none", "local"] = Field(
+        "none",
+        description="GPU: capture the decoder layers' forward and backward in CUDA graphs "
+        "(Megatron-Core's cuda_graph_impl=local, after cuda_graph_warmup_steps eager steps), so "
+        "the host launches one graph where it launched every kernel; needs Megatron's own "
+        "schedules (parallel.schedule 1f1b or interleaved) and MoE layers without host syncs "
+        "(moe.capacity_factor with moe.pad_to_capacity); experimental, not yet run on a GPU",
+    )
+    cuda_graph_modules: list[Literal["attn", "mlp", "moe", "moe_router", "moe_preprocess"]] = (
+        Field(default_factory=list,
+              description="with cuda_graphs: what each layer's graphs hold (Megatron "
+              "cuda_graph_modules); []: the whole layer"))
     mtp_loss_scaling_schedule: list[tuple[float, float]] = Field(
         default_factory=list,
         description="[[from_tokens, factor], ...]: mtp_loss_scaling_factor becomes factor once "

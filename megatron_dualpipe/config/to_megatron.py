@@ -86,6 +86,7 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
         # Selective activation recomputation (DeepSeek-V3 §3.2.3)
         **recompute_kwargs(recipe, on_gpu),
         **fusion_kwargs(recipe, on_gpu),
+        **cuda_graph_kwargs(recipe, on_gpu),
     )
     if m.attention == "mla":
         kw.update(
@@ -149,6 +150,21 @@ FUSIONS = {
 def _field(recipe: Recipe, path: str):
     section, name = path.split(".")
     return getattr(getattr(recipe, section), name)
+
+
+def cuda_graph_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
+    """`model.cuda_graphs` / `model.cuda_graph_modules` as Megatron's fields (none on CPU:
+    `validate.check_cuda_graphs` refuses graphs there)."""
+    m = recipe.model
+    if m.cuda_graphs == "none" or not on_gpu:
+        return {}
+    return {"cuda_graph_impl": m.cuda_graphs, "cuda_graph_modules": list(m.cuda_graph_modules)}
+
+
+def uses_cuda_graphs(recipe: Recipe) -> bool:
+    """Whether the layers are captured in CUDA graphs (the RNG tracker must then be one that
+    CUDA graphs can capture: `train.setup`)."""
+    return recipe.model.cuda_graphs != "none"
 
 
 def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from megatron_dualpipe.config.stage_split import num_stages
 from megatron_dualpipe.errors import UserError
-from megatron_dualpipe.schedules.spec import SPECS, run_options
+from megatron_dualpipe.schedules.spec import SPECS, TRAIN_SCHEDULES, get_spec, run_options
 
 if TYPE_CHECKING:
     from megatron_dualpipe.config.schema import Recipe
@@ -280,3 +280,38 @@ def check_fusions(recipe: Recipe) -> None:
             "Transformer Engine weight GEMMs, which fused accumulation would skip); set "
             "parallel.zero_bubble=false or model.gradient_accumulation_fusion=false"
         )
+
+
+def check_cuda_graphs(recipe: Recipe) -> None:
+    """`model.cuda_graphs=local`: what Megatron-Core's per-layer graphs need, named by field
+    (Megatron asserts the same inside the workers, one traceback per rank)."""
+    m, moe, p = recipe.model, recipe.moe, recipe.parallel
+    if m.cuda_graphs == "none":
+        if m.cuda_graph_modules:
+            raise UserError("model.cuda_graph_modules is set but model.cuda_graphs=none; set "
+                            "model.cuda_graphs=local or model.cuda_graph_modules=[]")
+        return
+    field = f"model.cuda_graphs={m.cuda_graphs}"
+    if recipe.train.device == "cpu":
+        raise UserError(f"{field} needs a GPU (train.device=cpu); allowed on CPU: "
+                        "model.cuda_graphs=none")
+    if get_spec(p.schedule).dualpipe_family:
+        megatrons = ", ".join(n for n in TRAIN_SCHEDULES if not get_spec(n).dualpipe_family)
+        raise UserError(f"{field} needs one of Megatron-Core's own schedules, which create the "
+                        f"graphs (parallel.schedule: {megatrons}); got parallel.schedule="
+                        f"{p.schedule}")
+    modules = set(m.cuda_graph_modules)
+    has_moe = moe.num_experts > 0 and m.num_layers > m.num_dense_layers
+    if {"moe", "moe_router"} <= modules:
+        raise UserError("model.cuda_graph_modules cannot hold both moe and moe_router")
+    if "moe_preprocess" in modules and "moe_router" not in modules:
+        raise UserError("model.cuda_graph_modules: moe_preprocess needs moe_router too")
+    if "mlp" in modules and m.num_dense_layers == 0:
+        raise UserError("model.cuda_graph_modules: mlp captures dense layers, and "
+                        "model.num_dense_layers=0; allowed: attn, moe, moe_router")
+    whole_moe = has_moe and (not modules or "moe" in modules)
+    if whole_moe and (moe.capacity_factor is None or not moe.pad_to_capacity):
+        raise UserError(f"{field} with the MoE layers in the graphs (model.cuda_graph_modules "
+                        f"{sorted(modules) or '[] = whole layer'}) needs fixed expert inputs: "
+                        "moe.capacity_factor and moe.pad_to_capacity=true (else capture only "
+                        "attn / moe_router)")

@@ -1,0 +1,113 @@
+"""`model.cuda_graphs` (Megatron-Core's per-layer CUDA graphs): the recipe rules name the field
+and what is allowed before any worker starts, and agree with Megatron-Core's own checks
+(`TransformerConfig.__post_init__`, run here on CPU as the independent reference); the mapping
+to Megatron's fields; the machine rule. The graphs themselves need a GPU (not run yet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_dualpipe.config import load_recipe
+from megatron_dualpipe.config.to_megatron import cuda_graph_kwargs
+from megatron_dualpipe.errors import UserError
+
+RANK = Path(__file__).resolve().parent.parent / "recipes" / "deepseek_v3_rank_1gpu.yaml"
+PADCAP = ["moe.capacity_factor=1.0", "moe.pad_to_capacity=true"]
+
+
+def _rank(*overrides):
+    return load_recipe(RANK, list(overrides))
+
+
+def _megatron_accepts(recipe) -> bool:
+    """Megatron-Core's own verdict on the graph settings of `recipe` (a small config with the
+    recipe's MoE and graph fields)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, moe = recipe.model, recipe.moe
+    try:
+        TransformerConfig(
+            num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=moe.num_experts,
+            moe_router_topk=min(moe.topk, moe.num_experts),
+            moe_layer_freq=[0] * m.num_dense_layers + [1] * (2 - m.num_dense_layers),
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+            moe_token_dispatcher_type="alltoall", **cuda_graph_kwargs(recipe, on_gpu=True))
+    except (AssertionError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("overrides", [
+    [*PADCAP],                                          # whole layers, fixed expert inputs
+    ["model.cuda_graph_modules=[attn]"],                # attention only: MoE stays eager
+    ["model.cuda_graph_modules=[attn,moe_router]"],
+    [*PADCAP, "model.cuda_graph_modules=[attn,moe]"],
+], ids=["whole-layer", "attn", "attn+router", "attn+moe"])
+def test_allowed_settings_pass_ours_and_megatrons_checks(overrides):
+    recipe = _rank("model.cuda_graphs=local", *overrides)
+    assert cuda_graph_kwargs(recipe, on_gpu=True) == {
+        "cuda_graph_impl": "local", "cuda_graph_modules": list(recipe.model.cuda_graph_modules)}
+    assert _megatron_accepts(recipe)
+
+
+def test_whole_dropless_moe_layers_are_refused_where_megatrons_config_is_silent():
+    """Megatron's config check passes whole-layer graphs over dropless MoE layers; their
+    capture would then fail on the layer's device-to-host token-count sync, in every worker."""
+    with pytest.raises(UserError, match="moe.capacity_factor and moe.pad_to_capacity=true"):
+        _rank("model.cuda_graphs=local")
+    unchecked = _rank()
+    unchecked.model.cuda_graphs = "local"
+    assert _megatron_accepts(unchecked)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["model.cuda_graph_modules=[moe]"], "moe.capacity_factor and moe.pad_to_capacity=true"),
+    ([*PADCAP, "model.cuda_graph_modules=[moe,moe_router]"], "both moe and moe_router"),
+    ([*PADCAP, "model.cuda_graph_modules=[mlp]"], "model.num_dense_layers=0"),
+], ids=["dropless-moe", "moe+router", "mlp-without-dense"])
+def test_what_megatron_refuses_is_refused_first_with_the_field(overrides, needle):
+    with pytest.raises(UserError, match="model.cuda_graph") as err:
+        _rank("model.cuda_graphs=local", *overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    # Megatron-Core refuses the same settings, but inside every worker
+    unchecked = _rank(*(o for o in overrides if o.startswith("moe.")))
+    unchecked.model.cuda_graphs = "local"
+    unchecked.model.cuda_graph_modules = [
+        v for o in overrides if o.startswith("model.cuda_graph_modules")
+        for v in o.split("=[")[1].rstrip("]").split(",")]
+    assert not _megatron_accepts(unchecked)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["parallel.schedule=dualpipev", "parallel.pp=1", *PADCAP],
+     "parallel.schedule: 1f1b, interleaved); got parallel.schedule=dualpipev"),
+    (["train.device=cpu", "fp8.recipe=none", *PADCAP], "allowed on CPU: model.cuda_graphs=none"),
+], ids=["our-schedule", "cpu"])
+def test_what_only_we_know_is_refused(overrides, needle):
+    with pytest.raises(UserError, match="model.cuda_graphs=local needs") as err:
+        _rank("model.cuda_graphs=local", *overrides)
+    assert needle in str(err.value)
+
+
+def test_modules_without_graphs_and_a_typo_are_refused():
+    with pytest.raises(UserError, match="model.cuda_graphs=none"):
+        _rank("model.cuda_graph_modules=[attn]")
+    with pytest.raises(UserError, match="cuda_graphs"):
+        _rank("model.cuda_graphs=lokal")
+    assert cuda_graph_kwargs(_rank(), on_gpu=True) == {}
+    assert cuda_graph_kwargs(_rank("model.cuda_graphs=local", *PADCAP), on_gpu=False) == {}
+
+
+def test_machine_rule_without_a_gpu(monkeypatch):
+    from megatron_dualpipe.config import preflight
+
+    recipe = _rank("model.cuda_graphs=local", "train.device=auto", *PADCAP)
+    monkeypatch.setattr(preflight, "_gpu_memory_gb", lambda: [])
+    with pytest.raises(UserError, match="this machine has none"):
+        preflight.check_cuda_graph_device(recipe)
+    monkeypatch.setattr(preflight, "_gpu_memory_gb", lambda: [141.0])
+    preflight.check_cuda_graph_device(recipe)
+    preflight.check_cuda_graph_device(_rank())  # no graphs: nothing to check
