@@ -11,13 +11,12 @@ and data; Megatron captures the graphs after `cuda_graph_warmup_steps` (3) eager
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
 
 import pytest
-import torch
+from gpu_requirements import needs_hopper
 
 from megatron_dualpipe.in_process import run_training
 
@@ -27,17 +26,7 @@ STEPS = int(os.environ.get("MDP_GRAPH_TEST_STEPS", "30"))
 PADCAP = ["moe.capacity_factor=1.0", "moe.pad_to_capacity=true"]
 
 
-def _why_not() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    if torch.cuda.get_device_capability(0) < (9, 0):
-        return "blockwise FP8 needs a Hopper GPU"
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "Transformer Engine is not installed"
-    return None
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+pytestmark = [pytest.mark.gpu, needs_hopper]
 
 
 def _graphed_layers(state, source) -> int:

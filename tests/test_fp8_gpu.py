@@ -17,7 +17,6 @@ Needs a Hopper GPU, CUDA >= 12.9 and Transformer Engine; skipped otherwise.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu_requirements import needs_hopper
 
 from megatron_dualpipe.fp8.accuracy import WINDOW, loss_comparison
 from megatron_dualpipe.in_process import run_training
@@ -34,20 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fp8_proxy_1gpu.yaml"
 STEPS = int(os.environ.get("MDP_FP8_TEST_STEPS", "200"))
 TOLERANCE = 0.0025  # 0.25% relative
-
-
-def _hopper_with_te() -> str | None:
-    """Why the GPU tests cannot run here (None: they can)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    if torch.cuda.get_device_capability(0) < (9, 0):
-        return "blockwise FP8 needs a Hopper GPU"
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "Transformer Engine is not installed"
-    return None
-
-
-needs_hopper = pytest.mark.skipif(_hopper_with_te() is not None, reason=str(_hopper_with_te()))
 
 
 def _recipe(fp8: str, log_dir: Path):

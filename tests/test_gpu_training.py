@@ -20,14 +20,13 @@ MDP_GPU_TRAIN_STEPS steps (default 60) in this process:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import time
 from pathlib import Path
 
 import pytest
-import torch
+from gpu_requirements import needs_hopper
 
 from megatron_dualpipe.in_process import run_training
 
@@ -52,17 +51,7 @@ RUNS = {
 }
 
 
-def _why_not() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    if torch.cuda.get_device_capability(0) < (9, 0):
-        return "blockwise FP8 needs a Hopper GPU"
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "Transformer Engine is not installed"
-    return None
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+pytestmark = [pytest.mark.gpu, needs_hopper]
 
 
 def tail_rel_diff(losses: list[float], ref: list[float], tail: float = TAIL) -> float:
