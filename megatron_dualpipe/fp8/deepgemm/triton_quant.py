@@ -13,28 +13,24 @@ rounded to E4M3), so the results are bit for bit the torch path's. TE's quantize
 wgrad copy as one [K, Mp] matrix, which then has to be regrouped per expert (a copy of the whole
 operand); this kernel writes it in place.
 
-The kernel is compiled at first use; `TRITON_INTERPRET=1` (read then) runs it on CPU tensors
-(with `store_fp32`, which writes the scaled values before rounding, since the interpreter's FP8
-cast does not round like the GPU).
+The kernel (triton_kernels.py) is compiled at first use. With `TRITON_INTERPRET=1` set before
+triton is imported it runs on CPU tensors in Triton's interpreter (tests/triton_interpret_
+checks.py), with `store_fp32`, which writes the scaled values before rounding, since the
+interpreter's FP8 cast does not round like the GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
 
 
 @functools.cache
 def _kernel():
-    import importlib
+    from megatron_dualpipe.fp8.deepgemm.triton_kernels import quantize_tiles  # imports triton
 
-    from megatron_dualpipe.fp8.deepgemm import triton_kernels
-
-    if triton_kernels.INTERPRETED != interpreting():
-        triton_kernels = importlib.reload(triton_kernels)
-    return triton_kernels.quantize_tiles
+    return quantize_tiles
 
 
 def k_major_tables(ks: list[int], order: list[int], k: int, device):
@@ -88,7 +84,3 @@ def quantize_rows_k_major(x, ks: list[int], order: list[int] | None, store_fp32:
     rows = (q, sf)
     return rows, ((qk, sfk.t()) if with_k else None)
 
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
