@@ -25,5 +25,7 @@ def portable(text: str) -> str:
 
 
 def command_line(script: str, argv: Iterable[str]) -> str:
-    """`python SCRIPT ARGS...` as the user typed it, with portable paths."""
-    return shlex.join(["python", script, *(portable(arg) for arg in argv)])
+    """`python SCRIPT ARGS...` as the user typed it, with portable paths; a SCRIPT of the form
+    `-m package.module` gives `python -m package.module ARGS...`."""
+    head = script.split(" ", 1) if script.startswith("-m ") else [script]
+    return shlex.join(["python", *head, *(portable(arg) for arg in argv)])

@@ -20,6 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks.portable import command_line
+
 SHAPES = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (in K, out N) per expert
 VARIANTS = ("te_bf16", "te_blockwise", "te_blockwise+refresh", "deepgemm", "deepgemm+refresh",
             "deepgemm-triton", "deepgemm-triton+refresh")
@@ -164,17 +166,8 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     return {"machine": machine_info(), "experts": args.experts, "rows_per_expert": args.rows,
             "quantizer": args.quantizer, "rounds": args.rounds, "iters": args.iters,
-            "shapes": results, "command": command_line()}
-
-
-def command_line() -> str:
-    """This run's command, without machine paths (benchmarks/portable.py)."""
-    import shlex
-
-    from benchmarks.portable import portable
-
-    return "python -m benchmarks.fp8.expert_module " + shlex.join(
-        portable(a) for a in sys.argv[1:])
+            "shapes": results,
+            "command": command_line("-m benchmarks.fp8.expert_module", sys.argv[1:])}
 
 
 def render(result: dict) -> str:

@@ -10,6 +10,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks.portable import command_line
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "deepseek_v3_rank_1gpu.yaml"
 SYSTEMS = ("mcore_1f1b", "ours_1f1b", "ours_dualpipev")
@@ -224,7 +226,8 @@ def run(args) -> dict:
             "tokens_per_step": tokens, "flops_per_step": flops, "peak_tflops": peak,
             "fp8_recipe": base.fp8.recipe, "rows": rows, "built_peak_gb": built_gb,
             "peak_memory_gb": memory_gb(device), "rounds": args.rounds, "errors": errors,
-            "steps_per_round": args.steps_per_round, "command": command_line()}
+            "steps_per_round": args.steps_per_round,
+            "command": command_line("-m benchmarks.speed", sys.argv[1:])}
 
 
 def profile_step(system, batches, step: int, trace_path: Path | None = None) -> dict:
@@ -274,15 +277,6 @@ def machine() -> dict:
     from benchmarks.fp8.common import machine_info
 
     return machine_info()
-
-
-def command_line() -> str:
-    """This run's command, without machine paths (benchmarks/portable.py)."""
-    import shlex
-
-    from benchmarks.portable import portable
-
-    return "python -m benchmarks.speed " + shlex.join(portable(a) for a in sys.argv[1:])
 
 
 def main(argv=None) -> int:
