@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=4, help="calls per variant and round")
     p.add_argument("--json", default=None)
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the tables into docs/benchmarks.md (section expert_module)")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="no run: write the docs section from these saved --json results")
     return p.parse_args(argv)
 
 
@@ -187,8 +191,32 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+START, END = "<!-- expert_module:start -->", "<!-- expert_module:end -->"
+
+
+def section(results: list[dict]) -> str:
+    """The docs section: each run's machine, command and tables."""
+    text = ("## Routed-expert module, module against module "
+            "(`python -m benchmarks.fp8.expert_module`)\n\n")
+    for result in results:
+        m = result["machine"]
+        text += (f"Machine: {m.get('gpu', 'CPU')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+                 f"Transformer Engine {m.get('transformer_engine')}, cuBLASLt "
+                 f"{m.get('cublaslt')}. Command: `{result['command']}` ({result['rounds']} "
+                 f"interleaved rounds of {result['iters']} calls; DeepGEMM quantizer "
+                 f"`{result['quantizer']}`).\n\n" + render(result) + "\n")
+    return text
+
+
 def main(argv=None) -> int:
+    from benchmarks.docs_section import write_section
+
     args = parse_args(argv)
+    if args.from_json:
+        write_section(DOCS, section([json.loads(Path(f).read_text()) for f in args.from_json]),
+                      START, END)
+        return 0
     result = run(args)
     print(render(result), flush=True)
     for shape, r in result["shapes"].items():
@@ -198,6 +226,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.write_docs:
+        write_section(DOCS, section([result]), START, END)
     return 0
 
 

@@ -120,3 +120,4 @@ def test_profile_step_runs_on_a_cpu_model_and_keeps_the_trace(tmp_path, monkeypa
     assert p["wall_ms"] == 250 and p["launches"] == 0 and p["gaps"]["num_gaps"] == 0
     names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
     assert {"module Sequential", "module Linear", "aten::addmm"} <= names
+
