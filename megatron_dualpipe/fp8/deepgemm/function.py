@@ -64,7 +64,8 @@ class ExpertGemm(torch.autograd.Function):
         dg = kernels.deep_gemm()
         G, N, _ = quantized.w[0].shape
         need_wgrad = any(ctx.needs_input_grad[4:])
-        order = grads_mod.wgrad_order(weights, options.accumulate, G) if need_wgrad else None
+        order, ctx.target = (grads_mod.wgrad_target(weights, options.accumulate, G)
+                             if need_wgrad else (None, None))
         ctx.plan, ctx.quantized, ctx.options, ctx.order = plan, quantized, options, order
         ctx.weights = weights
         ctx.x_k = None
@@ -98,20 +99,15 @@ class ExpertGemm(torch.autograd.Function):
 
 def _wgrad(ctx, dy_k, shape, dg, device) -> list:
     """Run the k-grouped wgrad into main_grad or a fresh buffer; autograd's weight grads."""
-    plan, order, weights = ctx.plan, ctx.order, ctx.weights
+    plan, order, weights, target = ctx.plan, ctx.order, ctx.weights, ctx.target
     ks, ks_tensor = plan.group_sizes(order)
-    target = None
-    if ctx.options.accumulate:
-        main_grads = grads_mod.expert_main_grads(weights)
-        found = grads_mod.stacked_view(main_grads)
-        if found is not None and found[1] == order:
-            target = found[0]
     buffer = target if target is not None else torch.zeros(shape, dtype=torch.float32,
                                                            device=device)
     if plan.num_padded:
         kernels.k_grouped_nt_accumulate(dy_k, ctx.x_k, buffer, ks, ks_tensor, dg)
     if ctx.options.accumulate:
         if target is None:
+            main_grads = grads_mod.expert_main_grads(weights)
             for i, g in enumerate(order):
                 main_grads[g].add_(buffer[i])
         return grads_mod.finish_fused(weights)

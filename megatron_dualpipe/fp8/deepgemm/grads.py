@@ -46,14 +46,15 @@ def stacked_view(grads):
     return view, order
 
 
-def wgrad_order(weights, accumulate: bool, num_experts: int) -> list[int]:
-    """The expert order of the wgrad kernel's groups: memory order of the main_grads when
-    accumulating into them in place, else natural."""
+def wgrad_target(weights, accumulate: bool, num_experts: int):
+    """(expert order of the wgrad kernel's groups, [G, N, K] view of the main_grads to
+    accumulate into or None): the main_grads' memory order and their stacked view when
+    accumulating into them in place, else the natural order and None (a scratch buffer)."""
     if accumulate:
         found = stacked_view(expert_main_grads(weights))
         if found is not None:
-            return found[1]
-    return list(range(num_experts))
+            return found[1], found[0]
+    return list(range(num_experts)), None
 
 
 def dummy_grad(weight):
