@@ -8,8 +8,9 @@
   spec for subclasses that take this path under blockwise FP8 and TE's otherwise.
 
 Experimental: checked on CPU against an emulator of the kernels (tests/test_deepgemm_experts.py)
-and not yet run on a GPU; docs/fp8.md, "DeepGEMM behind the routed experts", says what the
-next GPU session runs. `deep_gemm` and Transformer Engine are imported at first use.
+and on one H200 against the same reference (tests/test_deepgemm_experts_gpu.py), where it is not
+yet faster than TE's path; docs/fp8.md, "DeepGEMM behind the routed experts". `deep_gemm` and
+Transformer Engine are imported at first use.
 """
 
 from megatron_dualpipe.fp8.deepgemm.function import GemmOptions, grouped_fp8_gemm

@@ -51,11 +51,12 @@ def default_quantizer() -> str:
 class DeepGEMMGroupedLinearMixin:
     """forward(x, m_splits) -> (y, None) through DeepGEMM under blockwise FP8, TE otherwise."""
 
-    deepgemm_quantizer: str | None = None  # None: default_quantizer() at the first FP8 call
+    deepgemm_quantizer: str | None = None  # None: default_quantizer(), resolved at construction
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.deepgemm_weights = WeightCache(self.deepgemm_quantizer or default_quantizer())
+        self.deepgemm_quantizer = self.deepgemm_quantizer or default_quantizer()
+        self.deepgemm_weights = WeightCache(self.deepgemm_quantizer)
         problems = _unsupported(self)
         if problems:
             raise ValueError(f"{type(self).__name__}: DeepGEMM experts do not support "
@@ -89,8 +90,8 @@ class DeepGEMMGroupedLinearMixin:
         refresh = bool(getattr(self, "is_first_microbatch", True)) or bool(
             getattr(self, "disable_parameter_transpose_cache", False))
         quantized = self.deepgemm_weights.get(weights, refresh=refresh)
-        quantizer = self.deepgemm_quantizer or default_quantizer()
-        options = GemmOptions(accumulate=bool(self.fuse_wgrad_accumulation), quantizer=quantizer)
+        options = GemmOptions(accumulate=bool(self.fuse_wgrad_accumulation),
+                              quantizer=self.deepgemm_quantizer)
         y = grouped_fp8_gemm(x, m_splits, weights, quantized, options)
         # TE's own FP8 state (self.fp8, fp8_meta) is left alone: setting `fp8` would make TE
         # write FP8 metadata it never initialized into checkpoints.
