@@ -16,11 +16,7 @@ from megatron_dualpipe.checkpoint_files import already_complete, check_fresh_sta
 from megatron_dualpipe.config import Recipe, data_parallel_size, num_microbatches
 from megatron_dualpipe.config.dump import write_resolved
 from megatron_dualpipe.config.rules import TRAIN_RULES, check_recipe
-from megatron_dualpipe.config.to_megatron import (
-    fusion_kwargs,
-    optimizer_config,
-    uses_cuda_graphs,
-)
+from megatron_dualpipe.config.to_megatron import fusion_kwargs, optimizer_config
 from megatron_dualpipe.data import make_sources
 from megatron_dualpipe.distributed import destroy_distributed, init_distributed, resolve_device
 from megatron_dualpipe.errors import UserError
@@ -106,7 +102,7 @@ def setup(recipe: Recipe) -> TrainState:
     device = resolve_device(recipe)
     check_fp8_environment(recipe, device)
     fusion_kwargs(recipe, device.type == "cuda")  # its errors before any process group starts
-    graphs = uses_cuda_graphs(recipe)
+    graphs = recipe.model.cuda_graphs != "none"
     if graphs and device.type != "cuda":
         raise UserError(f"model.cuda_graphs={recipe.model.cuda_graphs} needs a GPU (train.device="
                         f"{recipe.train.device} resolved to {device.type}); allowed here: "

@@ -22,7 +22,7 @@ LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 RANGE_CATS = ("cpu_op", "user_annotation")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cudaMemcpy", "cudaMemcpyAsync", "cuStreamSynchronize", "cuCtxSynchronize")
-GENERIC = ("aten::", "cuda", "cu")
+GENERIC = ("aten::", "cu")  # aten ops, CUDA runtime / driver calls
 
 
 class _Ranges:

@@ -161,12 +161,6 @@ def cuda_graph_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     return {"cuda_graph_impl": m.cuda_graphs, "cuda_graph_modules": list(m.cuda_graph_modules)}
 
 
-def uses_cuda_graphs(recipe: Recipe) -> bool:
-    """Whether the layers are captured in CUDA graphs (the RNG tracker must then be one that
-    CUDA graphs can capture: `train.setup`)."""
-    return recipe.model.cuda_graphs != "none"
-
-
 def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     """The GPU kernel fusions of `model.*_fusion` / `moe.*_fusion` (all off on CPU, where
     Megatron has no such kernels)."""
