@@ -25,6 +25,7 @@ from megatron_dualpipe.features import extensions, run_hooks
 from megatron_dualpipe.lifetime import STOP
 from megatron_dualpipe.lr_scheduler import build_scheduler
 from megatron_dualpipe.model.build import build_model
+from megatron_dualpipe.model.cuda_graphs import seed_rng
 from megatron_dualpipe.schedules.registry import forward_backward_func
 from megatron_dualpipe.schedules.spec import run_options
 from megatron_dualpipe.token_schedules import BatchSchedule, config_values, step_source
@@ -85,7 +86,6 @@ class TrainState:
 
 def setup(recipe: Recipe) -> TrainState:
     """Process groups, model chunks, optimizer and LR schedule."""
-    from megatron.core import tensor_parallel
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -114,10 +114,7 @@ def setup(recipe: Recipe) -> TrainState:
         apply_cpu_patches()
     init_distributed(recipe, device)
     torch.manual_seed(recipe.train.seed)
-    # CUDA graphs capture the RNG too: Megatron's graph-safe tracker (its CudaGraphManager
-    # refuses the plain one)
-    tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed,
-                                                    use_cudagraphable_rng=graphs)
+    seed_rng(recipe.train.seed, graphs)
     if recipe.train.deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     router_cls, hooks = extensions(recipe)

@@ -1,7 +1,8 @@
 """`model.cuda_graphs` (Megatron-Core's per-layer CUDA graphs): the recipe rules name the field
 and what is allowed before any worker starts, and agree with Megatron-Core's own checks
 (`TransformerConfig.__post_init__`, run here on CPU as the independent reference); the mapping
-to Megatron's fields; the machine rule. The graphs themselves need a GPU (not run yet)."""
+to Megatron's fields; the machine rule. The graphs themselves run in tests/test_cuda_graphs_gpu.py
+(one H200: both passed)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 from megatron_dualpipe.config import load_recipe
 from megatron_dualpipe.config.to_megatron import cuda_graph_kwargs
 from megatron_dualpipe.errors import UserError
+from megatron_dualpipe.te import te_available
 
 RANK = Path(__file__).resolve().parent.parent / "recipes" / "deepseek_v3_rank_1gpu.yaml"
 PADCAP = ["moe.capacity_factor=1.0", "moe.pad_to_capacity=true"]
+NO_ROPE_FUSION = "model.rope_fusion=false"  # graphs over MLA attention (see the MLA test)
 
 
 def _rank(*overrides):
@@ -47,9 +50,10 @@ def _megatron_accepts(recipe) -> bool:
     [*PADCAP, "model.cuda_graph_modules=[attn,moe]"],
 ], ids=["whole-layer", "attn", "attn+router", "attn+moe"])
 def test_allowed_settings_pass_ours_and_megatrons_checks(overrides):
-    recipe = _rank("model.cuda_graphs=local", *overrides)
+    recipe = _rank("model.cuda_graphs=local", NO_ROPE_FUSION, *overrides)
     assert cuda_graph_kwargs(recipe, on_gpu=True) == {
-        "cuda_graph_impl": "local", "cuda_graph_modules": list(recipe.model.cuda_graph_modules)}
+        "cuda_graph_impl": "local", "cuda_graph_modules": list(recipe.model.cuda_graph_modules),
+        "use_te_rng_tracker": te_available()}  # TE's attention needs TE's tracker in graphs
     assert _megatron_accepts(recipe)
 
 
@@ -92,19 +96,34 @@ def test_what_only_we_know_is_refused(overrides, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("modules", [[], ["attn"], ["attn", "moe_router"]],
+                         ids=["whole-layer", "attn", "attn+router"])
+def test_mla_attention_with_rope_fusion_in_graphs_is_refused(modules):
+    """Measured on the H200: capturing the rank recipe's MLA layers with Megatron's fused MLA
+    rope fails inside the workers (a rope tensor modified in place); refused before they
+    start. MLA outside the graphs, or without the fused rope, passes this rule."""
+    graphed = [f"model.cuda_graph_modules=[{','.join(modules)}]"] if modules else []
+    with pytest.raises(UserError, match="model.rope_fusion=true fails") as err:
+        _rank("model.cuda_graphs=local", *PADCAP, *graphed)
+    assert "allowed: model.rope_fusion=false" in str(err.value)
+    _rank("model.cuda_graphs=local", *PADCAP, NO_ROPE_FUSION, *graphed)
+    _rank("model.cuda_graphs=local", "model.cuda_graph_modules=[moe_router]")
+
+
 def test_modules_without_graphs_and_a_typo_are_refused():
     with pytest.raises(UserError, match="model.cuda_graphs=none"):
         _rank("model.cuda_graph_modules=[attn]")
     with pytest.raises(UserError, match="cuda_graphs"):
         _rank("model.cuda_graphs=lokal")
     assert cuda_graph_kwargs(_rank(), on_gpu=True) == {}
-    assert cuda_graph_kwargs(_rank("model.cuda_graphs=local", *PADCAP), on_gpu=False) == {}
+    assert cuda_graph_kwargs(_rank("model.cuda_graphs=local", NO_ROPE_FUSION, *PADCAP),
+                             on_gpu=False) == {}
 
 
 def test_machine_rule_without_a_gpu(monkeypatch):
     from megatron_dualpipe.config import preflight
 
-    recipe = _rank("model.cuda_graphs=local", "train.device=auto", *PADCAP)
+    recipe = _rank("model.cuda_graphs=local", "train.device=auto", NO_ROPE_FUSION, *PADCAP)
     monkeypatch.setattr(preflight, "_gpu_memory_gb", lambda: [])
     with pytest.raises(UserError, match="this machine has none"):
         preflight.check_cuda_graph_device(recipe)

@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import sys
+import traceback
 from pathlib import Path
 
 from benchmarks.portable import command_line
@@ -181,6 +182,12 @@ def run(args) -> dict:
             errors[f"{name}/{precision}"] = _short(err)
             print(f"[speed] {name}/{precision} failed: {errors[f'{name}/{precision}']}",
                   flush=True)
+            traceback.print_exception(err, limit=-10, file=sys.stderr)
+            if "graphs" in name.split("+")[1:]:
+                # a failed capture leaves Megatron's and TE's process-global graph state behind
+                # (TE then refuses eager attention as if capturing): nothing after it is valid
+                raise SystemExit(f"[speed] {name}/{precision}: CUDA graph capture failed; "
+                                 "the run stops") from err
             variants.remove((name, precision))
             for table in (times, warmup, losses):
                 table.pop(f"{name}/{precision}")

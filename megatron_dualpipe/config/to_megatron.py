@@ -158,7 +158,8 @@ def cuda_graph_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
     m = recipe.model
     if m.cuda_graphs == "none" or not on_gpu:
         return {}
-    return {"cuda_graph_impl": m.cuda_graphs, "cuda_graph_modules": list(m.cuda_graph_modules)}
+    return {"cuda_graph_impl": m.cuda_graphs, "cuda_graph_modules": list(m.cuda_graph_modules),
+            "use_te_rng_tracker": te.te_available()}  # as model/cuda_graphs.seed_rng seeds
 
 
 def fusion_kwargs(recipe: Recipe, on_gpu: bool) -> dict[str, Any]:
