@@ -142,11 +142,14 @@ def emulator() -> types.ModuleType:
 # Reference: DeepSeek-V3's recipe written out directly (scale = max(amax, 1e-4) / 448).
 
 def ref_quant(t, tile_rows: int, tile_cols: int):
-    """Fake-quantize a 2-D tensor with one FP32 scale per tile; float64 result."""
+    """Fake-quantize a 2-D tensor with one FP32 scale per tile; float64 result. The arithmetic
+    of DeepGEMM's own reference casts (deep_gemm/utils/math.py: `sf = amax / 448.0`, then
+    `x * (1.0 / sf)`), with the scale division written as the multiplication by fl32(1/448)
+    that it is on the GPU (torch multiplies by the reciprocal there; on CPU it divides)."""
     r, c = t.shape
     v = t.float().view(r // tile_rows, tile_rows, c // tile_cols, tile_cols)
-    scale = v.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4) / 448.0
-    return ((v / scale).to(FP8).double() * scale.double()).view(r, c)
+    scale = v.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4) * (1.0 / 448.0)
+    return ((v * (1.0 / scale)).to(FP8).double() * scale.double()).view(r, c)
 
 
 def ref_grouped(x, dy, ws, splits):

@@ -127,8 +127,8 @@ class _FakeTEBlockQuantizer:
     def _one(t):
         r, c = t.shape
         v = t.float().view(r, c // 128, 128)
-        s = v.abs().amax(-1).clamp(min=1e-4) / 448.0
-        q = (v / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(r, c)
+        s = v.abs().amax(-1).clamp(min=1e-4) * (1.0 / 448.0)  # ref_quant's arithmetic
+        q = (v * (1.0 / s.unsqueeze(-1))).to(torch.float8_e4m3fn).view(r, c)
         buf = torch.zeros(c // 128, -(-r // 4) * 4)
         buf[:, :r] = s.t()
         return q.view(torch.uint8), buf

@@ -34,6 +34,25 @@ def _bits(values):
     return values.to(torch.float8_e4m3fn).view(torch.uint8)
 
 
+def _scaled_rows(x, sf):
+    """x * (1 / scale) per 1x128 tile, FP32, from the torch path's scales [m, k/128]."""
+    m, k = x.shape
+    return (x.float().view(m, k // 128, 128) * sf.reciprocal().unsqueeze(-1)).view(m, k)
+
+
+def _scaled_k_major(x, ks, order, sf):
+    """The k-major operand's FP32 values (expert blocks in `order`, each [k, ks[g]]) from the
+    torch path's scales [k, sum(ks)/128]."""
+    starts = [sum(ks[:g]) for g in range(len(ks))]
+    blocks, col = [], 0
+    for g in order:
+        rows = x[starts[g]:starts[g] + ks[g]].float()
+        s = sf[:, col:col + ks[g] // 128].t().repeat_interleave(128, 0)  # [ks[g], k]
+        blocks.append((rows * s.reciprocal()).t().flatten())
+        col += ks[g] // 128
+    return torch.cat(blocks) if blocks else torch.empty(0)
+
+
 def both_operands_equal_the_torch_path(ks, order):
     from megatron_dualpipe.fp8.deepgemm import triton_quant
     from megatron_dualpipe.fp8.deepgemm.quantize import quantize_k_major, quantize_rows
@@ -48,6 +67,10 @@ def both_operands_equal_the_torch_path(ks, order):
     assert torch.equal(_bits(qk), kq.view(torch.uint8)), "k-major data"
     assert sfk.shape == ksf.shape and sfk.stride() == ksf.stride(), (sfk.stride(), ksf.stride())
     assert torch.equal(sfk, ksf), "k-major scales"
+    # the FP32 values before rounding too: an arithmetic change (x / s for x * (1 / s)) moves
+    # a last bit, which E4M3 rounding mostly hides
+    assert torch.equal(q, _scaled_rows(x, rsf)), "rows values before rounding"
+    assert torch.equal(qk, _scaled_k_major(x, ks, order, ksf)), "k-major values before rounding"
     rows_only, none = triton_quant.quantize_rows_k_major(x, ks, None, store_fp32=True)
     assert none is None and torch.equal(rows_only[0], q) and torch.equal(rows_only[1], sf)
 

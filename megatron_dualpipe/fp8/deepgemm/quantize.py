@@ -1,7 +1,8 @@
 """DeepSeek-V3 blockwise FP8 quantization in the operand layouts of DeepGEMM's SM90 kernels.
 
 Activations and gradients: 1x128 tiles along the reduction dimension; weights: 128x128 blocks;
-E4M3 values, FP32 scales (amax / 448, amax floored at 1e-4), no power-of-two rounding. Two
+E4M3 values, FP32 scales (amax / 448, amax floored at 1e-4), no power-of-two rounding; values
+x * (1 / scale), DeepGEMM's reference arithmetic (blocks.scales). Two
 implementations of the activation side:
 
 * `torch`: plain torch ops (CPU and GPU; several passes over an FP32 copy, so slow on the GPU);
@@ -24,7 +25,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 
-from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
+from megatron_dualpipe.fp8.deepgemm.blocks import BLOCK, scales, tma_aligned
 
 QUANTIZERS = ("torch", "te", "te-rows", "triton")
 
@@ -46,8 +47,8 @@ def quantize_rows(x):
 
     m, k = x.shape
     v = x.float().view(m, k // BLOCK, BLOCK)
-    sf = v.abs().amax(-1).clamp(min=AMAX_FLOOR) / FP8_MAX
-    q = (v / sf.unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, k)
+    sf = scales(v.abs().amax(-1))
+    q = (v * sf.reciprocal().unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, k)
     return q, _mn_major(sf)
 
 
@@ -67,8 +68,8 @@ def quantize_k_major(x, ks: list[int], order: list[int]):
         if k == 0:
             continue
         v = x[starts[g]:starts[g] + k].float().view(k // BLOCK, BLOCK, mn)
-        sf = v.abs().amax(1).clamp(min=AMAX_FLOOR) / FP8_MAX
-        q = (v / sf.unsqueeze(1)).to(torch.float8_e4m3fn).view(k, mn)
+        sf = scales(v.abs().amax(1))
+        q = (v * sf.reciprocal().unsqueeze(1)).to(torch.float8_e4m3fn).view(k, mn)
         data[off * mn:(off + k) * mn].view(mn, k).copy_(q.t())
         sfs.append(sf)
         off += k
@@ -91,8 +92,8 @@ def quantize_weights(w) -> QuantizedWeights:
 
     G, N, K = w.shape
     v = w.float().view(G, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
-    sf = v.abs().amax(dim=(2, 4)).clamp(min=AMAX_FLOOR) / FP8_MAX
-    q = (v / sf[:, :, None, :, None]).to(torch.float8_e4m3fn).view(G, N, K)
+    sf = scales(v.abs().amax(dim=(2, 4)))
+    q = (v * sf.reciprocal()[:, :, None, :, None]).to(torch.float8_e4m3fn).view(G, N, K)
     return QuantizedWeights(w=(q, sf), wt=(q.transpose(1, 2).contiguous(),
                                            sf.transpose(1, 2).contiguous()))
 

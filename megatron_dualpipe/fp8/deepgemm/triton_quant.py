@@ -8,10 +8,10 @@ rows) into
   ([K, k_g], K-major) one after the other in `order`, FP32 scales [K, sum(k)/128] MN-major, as
   `quantize.quantize_k_major`,
 
-with the same arithmetic as the torch path (amax floored at 1e-4, scale = amax / 448, x / scale
-rounded to E4M3), so the results are bit for bit the torch path's. TE's quantizer writes the
-wgrad copy as one [K, Mp] matrix, which then has to be regrouped per expert (a copy of the whole
-operand); this kernel writes it in place.
+with the same arithmetic as the torch path (blocks.scales: amax floored at 1e-4, scale = amax x
+fl32(1/448), x x (1 / scale) rounded to E4M3), so the results are bit for bit the torch path's.
+TE's quantizer writes the wgrad copy as one [K, Mp] matrix, which then has to be regrouped per
+expert (a copy of the whole operand); this kernel writes it in place.
 
 The kernel (triton_kernels.py) is compiled at first use. With `TRITON_INTERPRET=1` set before
 triton is imported it runs on CPU tensors in Triton's interpreter (tests/triton_interpret_
@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 
 from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
+
+NUM_WARPS = 8  # per 128x128 tile (benchmarks/fp8/quantizer.py compares 4, 8, 16)
 
 
 @functools.cache
@@ -79,8 +81,8 @@ def quantize_rows_k_major(x, ks: list[int], order: list[int] | None, store_fp32:
         base = ld = sfrow = qk = sfk = sf  # unused
     if m:
         _kernel()[(m // BLOCK, k // BLOCK)](
-            x, q, sf, qk, sfk, base, ld, sfrow, k, tma_aligned(m), AMAX_FLOOR, FP8_MAX,
-            WITH_K=with_k, STORE_FP32=store_fp32, BLOCK=BLOCK, num_warps=8)
+            x, q, sf, qk, sfk, base, ld, sfrow, k, tma_aligned(m), AMAX_FLOOR, 1.0 / FP8_MAX,
+            WITH_K=with_k, STORE_FP32=store_fp32, BLOCK=BLOCK, num_warps=NUM_WARPS)
     rows = (q, sf)
     return rows, ((qk, sfk.t()) if with_k else None)
 
