@@ -146,16 +146,18 @@ def test_te_weight_quantization_matches_the_torch_path():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-def test_triton_quantizer_is_bit_for_bit_the_torch_path():
+@pytest.mark.parametrize("transpose_bf16", [False, True], ids=["fp8-transpose", "bf16-transpose"])
+def test_triton_quantizer_is_bit_for_bit_the_torch_path(monkeypatch, transpose_bf16):
     """Real FP8 stores on the GPU (the CPU test runs the interpreter with FP32 stores)."""
+    from megatron_dualpipe.fp8.deepgemm import triton_quant
     from megatron_dualpipe.fp8.deepgemm.quantize import quantize_k_major, quantize_rows
-    from megatron_dualpipe.fp8.deepgemm.triton_quant import quantize_rows_k_major
 
+    monkeypatch.setattr(triton_quant, "TRANSPOSE_BF16", transpose_bf16)
     ks, order = [1024, 0, 384, 640], [3, 2, 1, 0]
     g = torch.Generator(device="cuda").manual_seed(6)
     x = (torch.randn(sum(ks), 1024, device="cuda", generator=g)
          * torch.rand(sum(ks), 1, device="cuda", generator=g) * 4).bfloat16()
-    (q, sf), (qk, sfk) = quantize_rows_k_major(x, ks, order)
+    (q, sf), (qk, sfk) = triton_quant.quantize_rows_k_major(x, ks, order)
     rq, rsf = quantize_rows(x)
     kq, ksf = quantize_k_major(x, ks, order)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sf, rsf)

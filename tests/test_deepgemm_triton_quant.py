@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs the triton package")
 
 TESTS = Path(__file__).resolve().parent
-CHECKS = ["layout uneven-reversed", "layout natural", "layout empty", "inside the expert gemm"]
+CHECKS = ["layout uneven-reversed", "layout natural", "layout empty",
+          "layout uneven-reversed bf16-transpose", "layout natural bf16-transpose",
+          "inside the expert gemm"]
 
 
 @pytest.fixture(scope="module")

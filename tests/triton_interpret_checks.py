@@ -53,12 +53,16 @@ def _scaled_k_major(x, ks, order, sf):
     return torch.cat(blocks) if blocks else torch.empty(0)
 
 
-def both_operands_equal_the_torch_path(ks, order):
+def both_operands_equal_the_torch_path(ks, order, transpose_bf16=False):
     from megatron_dualpipe.fp8.deepgemm import triton_quant
     from megatron_dualpipe.fp8.deepgemm.quantize import quantize_k_major, quantize_rows
 
     x = _x(sum(ks), 256, seed=len(ks))
-    (q, sf), (qk, sfk) = triton_quant.quantize_rows_k_major(x, ks, order, store_fp32=True)
+    triton_quant.TRANSPOSE_BF16 = transpose_bf16
+    try:
+        (q, sf), (qk, sfk) = triton_quant.quantize_rows_k_major(x, ks, order, store_fp32=True)
+    finally:
+        triton_quant.TRANSPOSE_BF16 = False
     rq, rsf = quantize_rows(x)
     kq, ksf = quantize_k_major(x, ks, order)
     assert torch.equal(_bits(q), rq.view(torch.uint8)), "rows data"
@@ -112,6 +116,9 @@ def quantizer_inside_the_expert_gemm():
 
 CHECKS = {**{f"layout {name}": (lambda c=case: both_operands_equal_the_torch_path(*c))
              for name, case in CASES.items()},
+          **{f"layout {name} bf16-transpose":
+             (lambda c=case: both_operands_equal_the_torch_path(*c, transpose_bf16=True))
+             for name, case in CASES.items() if sum(case[0])},
           "inside the expert gemm": quantizer_inside_the_expert_gemm}
 
 

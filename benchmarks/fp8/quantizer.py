@@ -8,7 +8,8 @@ output gradient; 2048: fc2's input).
 Variants (megatron_dualpipe/fp8/deepgemm/quantize.py): `te` (TE's fused quantizer plus the
 per-expert regrouping copy of its columnwise output), `te-kernel` (TE's kernel alone, no
 regrouping: a lower bound for that route), `triton@W` (our Triton kernel with W warps per
-128x128 tile), `triton-rows@W` (the same without the wgrad copy: the transposed store's cost).
+128x128 tile; 4 spill), `triton-tbf16@W` (the wgrad copy transposed as BF16 input instead of
+FP8 output), `triton-rows@W` (no wgrad copy: the transposed store's cost).
 Each is first checked against the torch path (`quantize_rows` / `quantize_k_major`):
 mismatching FP8 bytes and scales are counted (`triton` is meant to be bit for bit; TE rounds its
 scales differently). Timing: interleaved rounds of CUDA-event medians; GB/s counts one BF16
@@ -27,7 +28,8 @@ from benchmarks.fp8.common import time_cuda
 from benchmarks.portable import command_line
 
 KS = (7168, 4096, 2048)
-VARIANTS = ("te", "te-kernel", "triton@4", "triton@8", "triton@16", "triton-rows@8")
+VARIANTS = ("te", "te-kernel", "triton@8", "triton@16", "triton-tbf16@8", "triton-tbf16@16",
+            "triton-rows@8")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,11 +57,12 @@ def quantizer(variant: str):
     if variant == "te-kernel":
         q = quantize.make_te_block_quantizer(True)
         return lambda x, ks, order: (q.quantize(x), None)
-    if variant.startswith(("triton@", "triton-rows@")):
+    if variant.startswith(("triton@", "triton-rows@", "triton-tbf16@")):
         warps, rows_only = int(variant.split("@")[1]), variant.startswith("triton-rows")
+        transpose_bf16 = variant.startswith("triton-tbf16")
 
         def call(x, ks, order):
-            triton_quant.NUM_WARPS = warps
+            triton_quant.NUM_WARPS, triton_quant.TRANSPOSE_BF16 = warps, transpose_bf16
             return triton_quant.quantize_rows_k_major(x, ks, None if rows_only else order)
         return call
     raise SystemExit(f"--variants: unknown {variant!r}; allowed: {', '.join(VARIANTS)}")

@@ -26,6 +26,9 @@ import functools
 from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
 
 NUM_WARPS = 8  # per 128x128 tile (benchmarks/fp8/quantizer.py compares 4, 8, 16)
+# the wgrad copy's transpose on the BF16 input instead of the FP8 result (same values; which is
+# faster is for benchmarks/fp8/quantizer.py's `triton-tbf16` variant to tell on a GPU)
+TRANSPOSE_BF16 = False
 
 
 @functools.cache
@@ -82,7 +85,8 @@ def quantize_rows_k_major(x, ks: list[int], order: list[int] | None, store_fp32:
     if m:
         _kernel()[(m // BLOCK, k // BLOCK)](
             x, q, sf, qk, sfk, base, ld, sfrow, k, tma_aligned(m), AMAX_FLOOR, 1.0 / FP8_MAX,
-            WITH_K=with_k, STORE_FP32=store_fp32, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            WITH_K=with_k, STORE_FP32=store_fp32, BLOCK=BLOCK, TRANSPOSE_BF16=TRANSPOSE_BF16,
+            num_warps=NUM_WARPS)
     rows = (q, sf)
     return rows, ((qk, sfk.t()) if with_k else None)
 
