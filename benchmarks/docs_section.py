@@ -1,8 +1,13 @@
-"""The marked sections of docs/benchmarks.md that each benchmark owns."""
+"""The marked sections of docs/benchmarks.md that each benchmark owns, and the saved JSON
+results they are rendered from."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def write_section(path: Path, section: str, start: str, end: str) -> None:
@@ -18,3 +23,21 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def write_json(path: str | Path | None, data) -> None:
+    """`data` as indented JSON at `path` (its folder made); nothing without a path."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+def read_json(paths: Iterable[str | Path]) -> list:
+    """Saved results (`--from-json`), in the order given."""
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def write_benchmark_section(section: Callable[[list[dict]], str], results: list[dict],
+                            start: str, end: str) -> None:
+    """A benchmark's section of docs/benchmarks.md, rendered by `section` from `results`."""
+    write_section(BENCHMARKS_MD, section(results), start, end)

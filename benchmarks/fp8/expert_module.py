@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from benchmarks.portable import command_line
 
@@ -101,21 +100,16 @@ def _inputs(experts: int, rows: int, k: int, n: int):
 
 def profile_call(call, x, dy, splits) -> dict:
     """GPU busy ms (union of kernels), idle ms, and the kernels by total device ms."""
-    import tempfile
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.speed.gaps import idle_gaps
+    from benchmarks.speed.gaps import chrome_trace_text, idle_gaps
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call(x, dy, splits)
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
+    trace = json.loads(chrome_trace_text(prof))
     gaps = idle_gaps(trace)
     return {"busy_ms": round(gaps["busy_ms"], 3), "idle_ms": round(gaps["idle_ms"], 3),
             "kernels": kernel_table(trace)}
@@ -191,7 +185,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 START, END = "<!-- expert_module:start -->", "<!-- expert_module:end -->"
 
 
@@ -210,12 +203,11 @@ def section(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.docs_section import write_section
+    from benchmarks.docs_section import read_json, write_benchmark_section, write_json
 
     args = parse_args(argv)
     if args.from_json:
-        write_section(DOCS, section([json.loads(Path(f).read_text()) for f in args.from_json]),
-                      START, END)
+        write_benchmark_section(section, read_json(args.from_json), START, END)
         return 0
     result = run(args)
     print(render(result), flush=True)
@@ -223,11 +215,9 @@ def main(argv=None) -> int:
         for v, row in r["rows"].items():
             print(f"[{shape} {v}] kernels: " + "; ".join(
                 f"{name} {ms:.2f}/{n}" for name, ms, n in row["profile"]["kernels"][:10]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     if args.write_docs:
-        write_section(DOCS, section([result]), START, END)
+        write_benchmark_section(section, [result], START, END)
     return 0
 
 

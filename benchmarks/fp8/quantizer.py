@@ -19,10 +19,8 @@ read and the FP8 writes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from pathlib import Path
 
 from benchmarks.fp8.common import time_cuda
 from benchmarks.portable import command_line
@@ -136,7 +134,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 START, END = "<!-- quantizer:start -->", "<!-- quantizer:end -->"
 
 
@@ -148,12 +145,11 @@ def section(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.docs_section import write_section
+    from benchmarks.docs_section import read_json, write_benchmark_section, write_json
 
     args = parse_args(argv)
     if args.from_json:
-        write_section(DOCS, section([json.loads(Path(f).read_text()) for f in args.from_json]),
-                      START, END)
+        write_benchmark_section(section, read_json(args.from_json), START, END)
         return 0
     import torch
 
@@ -161,11 +157,9 @@ def main(argv=None) -> int:
         raise SystemExit("benchmarks.fp8.quantizer needs a CUDA GPU")
     result = run(args)
     print(render(result), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     if args.write_docs:
-        write_section(DOCS, section([result]), START, END)
+        write_benchmark_section(section, [result], START, END)
     return 0
 
 

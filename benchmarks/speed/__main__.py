@@ -242,13 +242,12 @@ def profile_step(system, batches, step: int, trace_path: Path | None = None) -> 
     table; every kernel counted in full, also where kernels overlap) and where the GPU idled
     (benchmarks/speed/gaps.py). `trace_path`: also keep the Chrome trace there (gzip)."""
     import gzip
-    import tempfile
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.fp8.proxy import kernel_category
-    from benchmarks.speed.gaps import annotate_modules, idle_gaps, kernel_totals
+    from benchmarks.speed.gaps import annotate_modules, chrome_trace_text, idle_gaps, kernel_totals
 
     handles = [h for chunk in system.model for h in annotate_modules(chunk)]
     try:
@@ -258,10 +257,7 @@ def profile_step(system, batches, step: int, trace_path: Path | None = None) -> 
         for h in handles:
             h.remove()
     torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        text = path.read_text()
+    text = chrome_trace_text(prof)
     if trace_path is not None:
         trace_path.parent.mkdir(parents=True, exist_ok=True)
         trace_path.write_bytes(gzip.compress(text.encode(), compresslevel=6))
@@ -287,15 +283,14 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.docs_section import write_json
     from benchmarks.speed.report import render, write_docs
 
     args = parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     result = run(args)
     print(render(result), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     if args.write_docs:
         write_docs([result])
     return 0

@@ -141,6 +141,18 @@ def idle_gaps(trace: dict, min_gap_us: float = 2.0, top: int = 12) -> dict:
     }
 
 
+def chrome_trace_text(prof) -> str:
+    """A finished torch profiler's Chrome trace as JSON text (the profiler only exports to a
+    file)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return path.read_text()
+
+
 def kernel_totals(trace: dict) -> dict[str, list]:
     """{GPU event name: [total ms, count]} of a trace's kernels, copies and memsets, each
     counted for its whole duration (also where kernels overlap, e.g. programmatic dependent

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.docs_section import write_section
+from benchmarks.docs_section import BENCHMARKS_MD, write_section
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = ROOT / "docs" / "benchmarks.md"
+DOCS = BENCHMARKS_MD
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
 def _parts(key: str) -> tuple[str, list[str], str]:
     system, precision = key.split("/")

@@ -198,4 +198,3 @@ class Ours:
         record = self._train.train_step(self.state, batches, step)
         _sync(self.device)
         return {"loss": record["loss"], "step_time_s": time.perf_counter() - start}
-

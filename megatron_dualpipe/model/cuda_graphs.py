@@ -1,8 +1,9 @@
-"""Megatron-Core's per-layer CUDA graphs (`model.cuda_graphs`, docs/fp8.md) end with the run.
+"""Megatron-Core's per-layer CUDA graphs (`model.cuda_graphs`, docs/fp8.md): the RNG tracker
+they need at the start of a run, and their end with the run.
 
-Megatron keeps its graphs and their capture order in process-global state, so a second model in
-the same process (the in-process test and benchmark runs) could not capture its own until the
-first model's graphs are dropped.
+Megatron keeps its graphs, their capture order and its RNG tracker in process-global state, so
+a second model in the same process (the in-process test and benchmark runs) could not capture
+its own until the first model's graphs are dropped.
 """
 
 from __future__ import annotations

@@ -119,13 +119,10 @@ def quantize_weights_te(w) -> QuantizedWeights:
 def weight_quantizer(activation_quantizer: str):
     """The weights' quantization that goes with an activation quantizer: TE's fused kernel for
     `te` and (where TE imports) `triton`, the torch path otherwise."""
-    if activation_quantizer == "te":
-        return quantize_weights_te
-    if activation_quantizer == "triton":
-        import importlib.util
+    from megatron_dualpipe.te import te_available
 
-        if importlib.util.find_spec("transformer_engine") is not None:
-            return quantize_weights_te
+    if activation_quantizer == "te" or (activation_quantizer == "triton" and te_available()):
+        return quantize_weights_te
     return quantize_weights
 
 

@@ -41,13 +41,12 @@ def quantize_tiles(x_ptr, q_ptr, sf_ptr, qk_ptr, sfk_ptr, base_ptr, ld_ptr, sfro
             s_col = tl.maximum(tl.max(tl.abs(xt), axis=1).to(tl.float32), amax_floor) \
                 * inv_fp8_max
             qc = xt.to(tl.float32) * tl.div_rn(1.0, s_col)[:, None]
-            if not STORE_FP32:
-                qc = qc.to(tl.float8e4nv)
         else:
             s_col = tl.maximum(tl.max(ax, axis=0).to(tl.float32), amax_floor) * inv_fp8_max
             qc = x.to(tl.float32) * tl.div_rn(1.0, s_col)[None, :]
-            if not STORE_FP32:
-                qc = qc.to(tl.float8e4nv)
+        if not STORE_FP32:
+            qc = qc.to(tl.float8e4nv)
+        if not TRANSPOSE_BF16:
             qc = tl.trans(qc)
         local = tl.arange(0, BLOCK)
         tl.store(qk_ptr + base + cols[:, None] * ld + local[None, :], qc)
