@@ -92,7 +92,9 @@ def setup(recipe: Recipe) -> TrainState:
     from megatron_dualpipe.fp8 import check_fp8_environment, fp8_environment_variables
     from megatron_dualpipe.patches import (
         apply_cpu_patches,
+        enable_rope_cache_copy,
         enable_routing_map_copy,
+        needs_rope_cache_copy,
         needs_routing_map_copy,
     )
 
@@ -109,6 +111,8 @@ def setup(recipe: Recipe) -> TrainState:
                         "model.cuda_graphs=none")
     if needs_routing_map_copy(recipe, device.type):
         enable_routing_map_copy()
+    if needs_rope_cache_copy(recipe):
+        enable_rope_cache_copy()
     os.environ.update(fp8_environment_variables(recipe))
     if device.type == "cpu":
         apply_cpu_patches()

@@ -98,16 +98,19 @@ def test_what_only_we_know_is_refused(overrides, needle):
 
 @pytest.mark.parametrize("modules", [[], ["attn"], ["attn", "moe_router"]],
                          ids=["whole-layer", "attn", "attn+router"])
-def test_mla_attention_with_rope_fusion_in_graphs_is_refused(modules):
-    """Measured on the H200: capturing the rank recipe's MLA layers with Megatron's fused MLA
-    rope fails inside the workers (a rope tensor modified in place); refused before they
-    start. MLA outside the graphs, or without the fused rope, passes this rule."""
+def test_mla_attention_with_rope_fusion_in_graphs_gets_the_rope_cache_copy(modules):
+    """Capturing MLA layers with Megatron's fused rope failed on the H200 (a rope tensor
+    modified in place, patches/rope_cache_copy.py); such recipes load and `train.setup` turns
+    on the copy. Without graphs over attention, or without the fused rope, it stays off."""
+    from megatron_dualpipe.patches import needs_rope_cache_copy
+
     graphed = [f"model.cuda_graph_modules=[{','.join(modules)}]"] if modules else []
-    with pytest.raises(UserError, match="model.rope_fusion=true fails") as err:
-        _rank("model.cuda_graphs=local", *PADCAP, *graphed)
-    assert "allowed: model.rope_fusion=false" in str(err.value)
-    _rank("model.cuda_graphs=local", *PADCAP, NO_ROPE_FUSION, *graphed)
-    _rank("model.cuda_graphs=local", "model.cuda_graph_modules=[moe_router]")
+    assert needs_rope_cache_copy(_rank("model.cuda_graphs=local", *PADCAP, *graphed))
+    assert not needs_rope_cache_copy(_rank("model.cuda_graphs=local", *PADCAP, NO_ROPE_FUSION,
+                                           *graphed))
+    assert not needs_rope_cache_copy(_rank("model.cuda_graphs=local",
+                                           "model.cuda_graph_modules=[moe_router]"))
+    assert not needs_rope_cache_copy(_rank())
 
 
 def test_modules_without_graphs_and_a_typo_are_refused():

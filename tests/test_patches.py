@@ -301,6 +301,46 @@ def test_capacity_dropping_with_fp8_router_padding_needs_the_routing_map_copy():
     assert not needs_routing_map_copy(padded, "cuda")
 
 
+def test_rope_cache_copy_survives_megatron_s_in_place_buffer_restore():
+    """What Megatron-Core 0.19's graph capture does after a layer's forward (`buf.copy_` of
+    every module buffer, transformer/cuda_graphs.py) breaks a backward that saved the yarn
+    embedding's cached cos/sin, as MLA's fused rope does (the H200 capture failure); with the
+    patch the same forward saves copies: the backward runs and the gradient is unchanged."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding,
+    )
+
+    from megatron_dualpipe.patches import rope_cache_copy
+
+    apply_cpu_patches()  # the embedding asks torch.cuda for its device
+    rope = YarnRotaryEmbedding(kv_channels=8, use_cpu_initialization=True, scaling_factor=40.0)
+    x = torch.randn(16, 1, 1, 8, generator=torch.Generator().manual_seed(0))
+
+    def forward_restore_backward():
+        q = x.clone().requires_grad_()
+        cos, sin = rope.get_cached_cos_sin(16, dtype=torch.float32)
+        out = q * cos + q.flip(-1) * sin  # saves cos and sin, as the fused rope does
+        backup = [b.clone() for b in rope.buffers()]
+        for saved, buf in zip(backup, rope.buffers()):
+            buf.copy_(saved)
+        out.sum().backward()
+        return q.grad
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        forward_restore_backward()
+    patch = rope_cache_copy.make_patch()
+    patch.apply()
+    try:
+        grad = forward_restore_backward()
+        cos, sin = rope.get_cached_cos_sin(16, dtype=torch.float32)
+    finally:
+        patch.revert()
+    assert torch.equal(cos, rope.cos_cached[:16]) and torch.equal(sin, rope.sin_cached[:16])
+    assert cos.data_ptr() != rope.cos_cached.data_ptr()
+    assert torch.allclose(grad, (rope.cos_cached[:16] + rope.sin_cached[:16].flip(-1)
+                                 ).expand_as(x))
+
+
 def test_record_stream_ignores_cpu_tensors_only_inside_the_block():
     from megatron_dualpipe.patches.record_stream import cpu_record_stream
 

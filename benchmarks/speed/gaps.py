@@ -168,11 +168,17 @@ def kernel_totals(trace: dict) -> dict[str, list]:
 
 def annotate_modules(model) -> list:
     """Profiler ranges named after each submodule's class around its forward (so a forward-pass
-    gap names its module); returns the hook handles (call `.remove()` on each to undo)."""
+    gap names its module); returns the hook handles (call `.remove()` on each to undo).
+    Layers in Megatron's CUDA graphs (a `cudagraph_manager`) and their submodules get none:
+    Megatron refuses a graphed module with forward pre-hooks, and a replay runs no hooks."""
     import torch
 
+    graphed = {id(m) for g in model.modules() if getattr(g, "cudagraph_manager", None)
+               for m in g.modules()}
     handles = []
     for module in model.modules():
+        if id(module) in graphed:
+            continue
         label = f"module {type(module).__name__}"
 
         def enter(mod, args, label=label):

@@ -24,6 +24,9 @@ MODIFIERS = {
     # The decoder layers in CUDA graphs (model.cuda_graphs=local; experimental): one such
     # system and one precision per run (`check_graphed`).
     "graphs": ["model.cuda_graphs=local"],
+    # MLA's rope without the fused kernel: what `+graphs` needs on MLA (check_cuda_graphs), so
+    # a run can time the unfused rope alone and under graphs beside the fused eager system.
+    "unfusedrope": ["model.rope_fusion=false"],
 }
 MCORE_MODIFIERS = ("padcap",)
 # The DualPipeV modifiers that only change the schedule (its 1F1B counterpart lacks them).

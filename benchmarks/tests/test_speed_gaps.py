@@ -79,6 +79,19 @@ def test_module_ranges_on_a_real_cpu_profile(tmp_path):
     assert not model[0].__dict__.get("_gap_ranges")
 
 
+def test_graphed_layers_get_no_hooks():
+    """Megatron's CudaGraphManager refuses a layer with forward pre-hooks (H200 run)."""
+    graphed = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    graphed.cudagraph_manager = object()
+    model = torch.nn.Sequential(graphed, torch.nn.Linear(8, 8))
+    handles = annotate_modules(model)
+    assert not graphed._forward_pre_hooks and not graphed[0]._forward_pre_hooks
+    assert model._forward_pre_hooks and model[1]._forward_pre_hooks
+    assert len(handles) == 2 * 2
+    for h in handles:
+        h.remove()
+
+
 def test_report_shows_the_idle_table():
     row = {"step_s": 0.5, "min_s": 0.5, "max_s": 0.5, "spread_pct": 0.0, "tokens_per_s": 1.0,
            "tflops": 1.0, "mfu": 0.5, "warmup_s": [0.5], "warmup_vs_steady": [1.0],

@@ -315,14 +315,3 @@ def check_cuda_graphs(recipe: Recipe) -> None:
                         f"{sorted(modules) or '[] = whole layer'}) needs fixed expert inputs: "
                         "moe.capacity_factor and moe.pad_to_capacity=true (else capture only "
                         "attn / moe_router)")
-    if m.attention == "mla" and m.rope_fusion and (not modules or "attn" in modules):
-        # measured on one H200 (docs/fp8.md): the rank recipe's capture stops with "one of the
-        # variables needed for gradient computation has been modified by an inplace operation"
-        # on a [seq, 1, 1, 64] BF16 tensor. The fused MLA rope saves the yarn embedding's cached
-        # cos/sin (module buffers) for backward, and Megatron's capture restores every module
-        # buffer in place after the forward capture (cuda_graphs.py, `buf.copy_(buf_copy)`);
-        # unfused, the rope tables are computed in the forward, not read from buffers
-        raise UserError(f"{field} with MLA attention in the graphs and model.rope_fusion=true "
-                        "fails in Megatron-Core 0.19's capture (a rope tensor modified in "
-                        "place); allowed: model.rope_fusion=false or model.cuda_graph_modules "
-                        "without attn (neither run on a GPU yet), or model.cuda_graphs=none")

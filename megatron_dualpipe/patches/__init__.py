@@ -66,6 +66,10 @@ PATCHES: tuple[PatchEntry, ...] = (
                "pad_routing_map", "feature",
                "enable_routing_map_copy: GPU with moe.router_fusion, or FP8 with "
                "moe.capacity_factor (FP8 router padding; needs_routing_map_copy)"),
+    PatchEntry("rope_cache_copy", "megatron.core.models.common.embeddings."
+               "yarn_rotary_pos_embedding.YarnRotaryEmbedding.get_cached_cos_sin", "feature",
+               "enable_rope_cache_copy: MLA attention in CUDA graphs with model.rope_fusion "
+               "(needs_rope_cache_copy)"),
 )
 
 ENTRIES = {entry.name: entry for entry in PATCHES}
@@ -128,6 +132,20 @@ def needs_routing_map_copy(recipe, device_type: str) -> bool:
     dropped = (moe.capacity_factor is not None and not moe.pad_to_capacity
                and recipe.fp8.recipe != "none")
     return moe.router_fusion or dropped
+
+
+def enable_rope_cache_copy() -> None:
+    """MLA's fused rope saves copies of the cached cos/sin, not module buffers."""
+    _enable("rope_cache_copy")
+
+
+def needs_rope_cache_copy(recipe) -> bool:
+    """Whether MLA's fused rope runs inside Megatron's CUDA graphs, whose capture restores
+    module buffers in place after the forward (see `rope_cache_copy`)."""
+    m = recipe.model
+    graphs_attention = not m.cuda_graph_modules or "attn" in m.cuda_graph_modules
+    return (m.cuda_graphs != "none" and m.attention == "mla" and m.rope_fusion
+            and graphs_attention)
 
 
 def revert_feature_patches() -> None:
