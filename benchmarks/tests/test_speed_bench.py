@@ -59,6 +59,17 @@ def test_pairs_match_modifiers_and_per_module_precisions():
     ]
 
 
+def test_graphed_systems_pair_with_the_same_system_eager():
+    keys = ["ours_1f1b+padcap+gaf/fp8", "ours_1f1b+padcap+gaf+graphs/fp8"]
+    assert pairs(keys) == [("ours_1f1b+padcap+gaf+graphs/fp8", "ours_1f1b+padcap+gaf/fp8", None)]
+    row = {"step_s": 0.5, "min_s": 0.49, "max_s": 0.51, "spread_pct": 4.0, "tokens_per_s": 1.0,
+           "tflops": 1.0, "mfu": 0.5, "warmup_vs_steady": [1.0]}
+    rows = {keys[0]: row, keys[1]: {**row, "step_s": 0.4, "min_s": 0.39, "max_s": 0.41}}
+    table = render({"rows": rows, "errors": {}})
+    assert f"| {keys[1]} over {keys[0]} | 1.250x | 1.195-1.308 | - |" in table
+    assert "| ratio" not in render({"rows": {keys[0]: row}, "errors": {}})
+
+
 def test_precisions_name_their_bf16_modules():
     assert precision_setting("bf16", "e4m3") == (None, None)
     assert precision_setting("fp8", "e4m3") == ("e4m3", None)  # the recipe's bf16_modules

@@ -123,8 +123,8 @@ class ModelConfig(Section):
         "(Megatron-Core's cuda_graph_impl=local, after cuda_graph_warmup_steps eager steps), so "
         "the host launches one graph where it launched every kernel; needs Megatron's own "
         "schedules (parallel.schedule 1f1b or interleaved) and MoE layers without host syncs "
-        "(moe.capacity_factor with moe.pad_to_capacity); MLA attention in the graphs needs "
-        "model.rope_fusion=false; experimental (docs/fp8.md)",
+        "(moe.capacity_factor with moe.pad_to_capacity); MLA's fused rope inside them gets a "
+        "copy of its rope cache (patch rope_cache_copy); experimental (docs/fp8.md)",
     )
     cuda_graph_modules: list[Literal["attn", "mlp", "moe", "moe_router", "moe_preprocess"]] = (
         Field(default_factory=list,
