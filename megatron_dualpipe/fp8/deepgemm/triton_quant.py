@@ -26,8 +26,8 @@ import functools
 from megatron_dualpipe.fp8.deepgemm.blocks import AMAX_FLOOR, BLOCK, FP8_MAX, tma_aligned
 
 NUM_WARPS = 8  # per 128x128 tile (benchmarks/fp8/quantizer.py compares 4, 8, 16)
-# the wgrad copy's transpose on the BF16 input instead of the FP8 result (same values; which is
-# faster is for benchmarks/fp8/quantizer.py's `triton-tbf16` variant to tell on a GPU)
+# the wgrad copy's transpose on the BF16 input instead of the FP8 result (same values; on one
+# H200 both run equally fast, benchmarks/fp8/quantizer.py's `triton-tbf16` variant)
 TRANSPOSE_BF16 = False
 
 
