@@ -3,6 +3,7 @@ results they are rendered from."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -41,3 +42,12 @@ def write_benchmark_section(section: Callable[[list[dict]], str], results: list[
                             start: str, end: str) -> None:
     """A benchmark's section of docs/benchmarks.md, rendered by `section` from `results`."""
     write_section(BENCHMARKS_MD, section(results), start, end)
+
+
+def add_result_args(parser: argparse.ArgumentParser, section: str) -> None:
+    """`--json`, `--write-docs` and `--from-json` of a benchmark that owns `section`."""
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"write the tables into docs/benchmarks.md (section {section})")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                        help="no run: write the docs section from these saved --json results")

@@ -27,6 +27,8 @@ VARIANTS = ("te_bf16", "te_blockwise", "te_blockwise+refresh", "deepgemm", "deep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from benchmarks.docs_section import add_result_args
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.fp8.expert_module", description=__doc__)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rows", type=int, default=4096, help="rows per expert")
@@ -37,11 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the Triton kernel)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=4, help="calls per variant and round")
-    p.add_argument("--json", default=None)
-    p.add_argument("--write-docs", action="store_true",
-                   help="write the tables into docs/benchmarks.md (section expert_module)")
-    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
-                   help="no run: write the docs section from these saved --json results")
+    add_result_args(p, "expert_module")
     return p.parse_args(argv)
 
 

@@ -31,6 +31,8 @@ VARIANTS = ("te", "te-kernel", "triton@8", "triton@16", "triton-tbf16@8", "trito
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from benchmarks.docs_section import add_result_args
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.fp8.quantizer", description=__doc__)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rows", type=int, default=4096, help="rows per expert")
@@ -38,11 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=10, help="calls per variant and round")
-    p.add_argument("--json", default=None)
-    p.add_argument("--write-docs", action="store_true",
-                   help="write the tables into docs/benchmarks.md (section quantizer)")
-    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
-                   help="no run: write the docs section from these saved --json results")
+    add_result_args(p, "quantizer")
     return p.parse_args(argv)
 
 

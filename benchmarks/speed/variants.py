@@ -24,8 +24,8 @@ MODIFIERS = {
     # The decoder layers in CUDA graphs (model.cuda_graphs=local; experimental): one such
     # system and one precision per run (`check_graphed`).
     "graphs": ["model.cuda_graphs=local"],
-    # MLA's rope without the fused kernel: what `+graphs` needs on MLA (check_cuda_graphs), so
-    # a run can time the unfused rope alone and under graphs beside the fused eager system.
+    # MLA's rope without the fused kernel (graphs capture it without the rope_cache_copy
+    # patch; docs/fp8.md has what it costs).
     "unfusedrope": ["model.rope_fusion=false"],
 }
 MCORE_MODIFIERS = ("padcap",)
