@@ -15,7 +15,9 @@ MDP_GPU_TRAIN_STEPS steps (default 60) in this process:
   on against off, for MHA (TE's RoPE kernel) and MLA (Megatron's Triton RoPE kernel), in BF16
   and (with `model.gradient_accumulation_fusion` too) in blockwise FP8, where the fused router
   meets the router padding for FP8 (patches/pad_routing_map.py); and
-  `model.gradient_accumulation_fusion` alone.
+  `model.gradient_accumulation_fusion` alone; `model.mla_down_proj_fusion` (MLA's q and kv
+  down projections and the input norm in one TE LayerNormLinear, initialized as the unfused
+  ones) in BF16 and FP8.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TAIL = 0.2
 FUSED = ["model.rope_fusion=true", "model.cross_entropy_fusion=true",
          "moe.router_fusion=true", "moe.permute_fusion=true"]
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=512", "model.mla.kv_lora_rank=256"]
+DOWN_FUSED = ["model.mla_down_proj_fusion=true"]
 RUNS = {
     "1f1b bf16": ["fp8.recipe=none"],
     "dualpipev bf16": ["fp8.recipe=none", "parallel.schedule=dualpipev"],
@@ -48,6 +51,9 @@ RUNS = {
                            "model.gradient_accumulation_fusion=true"],
     "1f1b bf16 mla": ["fp8.recipe=none", *MLA],
     "1f1b bf16 mla fused": ["fp8.recipe=none", *MLA, *FUSED],
+    "1f1b fp8 mla": ["fp8.recipe=blockwise", *MLA],
+    "1f1b bf16 mla downfused": ["fp8.recipe=none", *MLA, *DOWN_FUSED],
+    "1f1b fp8 mla downfused": ["fp8.recipe=blockwise", *MLA, *DOWN_FUSED],
 }
 
 
@@ -109,6 +115,8 @@ def test_dualpipev_fp8_trains_like_1f1b_fp8(runs):
     ("1f1b bf16 wgrad fused", "1f1b bf16"),
     # FP8 with the fused router: the router padding must not touch the router's saved map
     ("1f1b fp8 all fused", "1f1b fp8"),
+    # MLA's q/kv down projections as one GEMM with the input norm inside; same initial weights
+    ("1f1b bf16 mla downfused", "1f1b bf16 mla"), ("1f1b fp8 mla downfused", "1f1b fp8 mla"),
 ])
 def test_fused_kernels_train_like_unfused(runs, name, ref):
     diff = _report(runs, name, ref)

@@ -23,9 +23,9 @@ def pairs(keys) -> list[tuple[str, str, float]]:
     """(numerator, denominator, target) of the issue's targets among the variants present:
     our 1F1B vs Megatron-Core with the same recipe modifiers (any FP8 variant of ours against
     its FP8), every DualPipeV variant vs our 1F1B with the same non-schedule modifiers, every
-    FP8 variant vs BF16 per system; and each `+graphs` system vs the same system eager
-    (target None)."""
-    from benchmarks.speed.variants import MCORE_MODIFIERS, SCHEDULE_MODIFIERS
+    FP8 variant vs BF16 per system; and each system with a `COMPARED_MODIFIERS` modifier
+    (`+graphs`, `+mladown`) vs the same system without it (target None)."""
+    from benchmarks.speed.variants import COMPARED_MODIFIERS, MCORE_MODIFIERS, SCHEDULE_MODIFIERS
 
     out = []
     for key in keys:
@@ -40,9 +40,10 @@ def pairs(keys) -> list[tuple[str, str, float]]:
         base, modifiers, precision = _parts(key)
         if precision.startswith("fp8"):
             out.append((key, f"{_name(base, modifiers)}/bf16", 1.30))
-        if "graphs" in modifiers:  # no target: what the graphs give the same system
-            eager = _name(base, [m for m in modifiers if m != "graphs"])
-            out.append((key, f"{eager}/{precision}", None))
+        for modifier in COMPARED_MODIFIERS:  # no target: what the modifier gives
+            if modifier in modifiers:
+                without = _name(base, [m for m in modifiers if m != modifier])
+                out.append((key, f"{without}/{precision}", None))
     return [p for p in out if p[1] in keys]
 
 

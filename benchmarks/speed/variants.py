@@ -27,8 +27,13 @@ MODIFIERS = {
     # MLA's rope without the fused kernel (graphs capture it without the rope_cache_copy
     # patch; docs/fp8.md has what it costs).
     "unfusedrope": ["model.rope_fusion=false"],
+    # MLA's q and kv down projections as one GEMM with the input RMSNorm inside it (Megatron's
+    # mla_down_proj_fusion; plain Megatron-Core takes it too).
+    "mladown": ["model.mla_down_proj_fusion=true"],
 }
-MCORE_MODIFIERS = ("padcap",)
+MCORE_MODIFIERS = ("padcap", "mladown")
+# Modifiers the report also measures against the same system without them (no target).
+COMPARED_MODIFIERS = ("graphs", "mladown")
 # The DualPipeV modifiers that only change the schedule (its 1F1B counterpart lacks them).
 SCHEDULE_MODIFIERS = ("plain", "nofuse", "nozb")
 # `--precisions`: bf16, fp8 (the recipe's fp8.bf16_modules), or fp8:GROUP[+GROUP]: these TE
@@ -37,7 +42,7 @@ SCHEDULE_MODIFIERS = ("plain", "nofuse", "nozb")
 BF16_GROUPS = {
     "none": [],
     "mla": ["*self_attention.linear_q_down_proj", "*self_attention.linear_kv_down_proj",
-            "*self_attention.linear_kv_up_proj"],
+            "*self_attention.linear_qkv_down_proj", "*self_attention.linear_kv_up_proj"],
     "shared": ["*shared_experts.linear_fc1", "*shared_experts.linear_fc2"],
 }
 

@@ -59,6 +59,15 @@ def test_pairs_match_modifiers_and_per_module_precisions():
     ]
 
 
+def test_fused_mla_down_projection_pairs_with_megatrons_and_the_unfused():
+    keys = ["mcore_1f1b+padcap+mladown/bf16", "ours_1f1b+padcap+gaf/bf16",
+            "ours_1f1b+padcap+gaf+mladown/bf16"]
+    assert pairs(keys) == [
+        ("ours_1f1b+padcap+gaf+mladown/bf16", "mcore_1f1b+padcap+mladown/bf16", 0.98),
+        ("ours_1f1b+padcap+gaf+mladown/bf16", "ours_1f1b+padcap+gaf/bf16", None),
+    ]
+
+
 def test_graphed_systems_pair_with_the_same_system_eager():
     keys = ["ours_1f1b+padcap+gaf/fp8", "ours_1f1b+padcap+gaf+graphs/fp8"]
     assert pairs(keys) == [("ours_1f1b+padcap+gaf+graphs/fp8", "ours_1f1b+padcap+gaf/fp8", None)]

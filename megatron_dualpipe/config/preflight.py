@@ -8,6 +8,7 @@ memory rule itself (`planning/fits.py`) compares `device_memory_gb` with `plan`'
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -32,6 +33,23 @@ def check_cuda_graph_device(recipe: Recipe) -> None:
     if m.cuda_graphs != "none" and recipe.train.device == "auto" and not _gpu_memory_gb():
         raise UserError(f"model.cuda_graphs={m.cuda_graphs} needs a GPU and this machine has "
                         "none (nvidia-smi finds no device); allowed here: model.cuda_graphs=none")
+
+
+def check_mla_device(recipe: Recipe) -> None:
+    """`model.attention=mla` with `train.device=auto` on a machine without a GPU, or without
+    Transformer Engine (explicit CPU or local layers: `validate_training.unsupported_for_training`).
+    """
+    m, device = recipe.model, recipe.train.device
+    if m.attention != "mla" or device == "cpu" or m.spec == "local":
+        return
+    if device == "auto" and not _gpu_memory_gb():
+        raise UserError("model.attention=mla needs a GPU with Transformer Engine and this machine "
+                        "has no GPU (nvidia-smi finds no device); allowed here: "
+                        "model.attention=mha")
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise UserError("model.attention=mla needs Transformer Engine layers, and "
+                        "transformer_engine is not installed (pip install "
+                        "'megatron_dualpipe[gpu]'); allowed without it: model.attention=mha")
 
 
 def _try_writing(field: str, path: Path) -> None:

@@ -73,7 +73,8 @@ TRAIN_RULES: list[Rule] = [
 RULES: list[Rule] = [*RECIPE_RULES, *TRAIN_RULES]
 
 # Rules about this machine (config/preflight.py); `train` runs them before it starts workers.
-MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs), Rule(P.check_cuda_graph_device)]
+MACHINE_RULES: list[Rule] = [Rule(P.check_output_dirs), Rule(P.check_cuda_graph_device),
+                              Rule(P.check_mla_device)]
 
 
 def launch_rules(memory: Rule | None = None) -> list[Rule]:

@@ -103,6 +103,13 @@ class ModelConfig(Section):
         description="selective activation recomputation (Megatron recompute_modules); "
         "[]: none. DeepSeek-V3 recomputes layernorm, mla_up_proj and the MoE SwiGLU (moe_act)",
     )
+    mla_down_proj_fusion: bool = Field(
+        False,
+        description="MLA: the q and kv down projections as one GEMM (7168 -> 1536 + 576 in "
+        "V3), which on GPU also holds the input RMSNorm (Megatron mla_down_proj_fusion; "
+        "checkpoints then hold linear_qkv_down_proj); needs model.attention=mla and "
+        "model.mla.q_lora_rank",
+    )
     rope_fusion: bool = Field(
         False, description="GPU: fused RoPE kernels (Megatron apply_rope_fusion); ignored on CPU"
     )

@@ -100,6 +100,7 @@ def transformer_config_kwargs(recipe: Recipe, device: torch.device) -> dict[str,
             qk_pos_emb_head_dim=m.mla.qk_pos_emb_head_dim,
             v_head_dim=m.mla.v_head_dim,
             rotary_base=m.rotary_base,
+            mla_down_proj_fusion=m.mla_down_proj_fusion,
         )
     if f.recipe != "none":
         kw.update(_fp8_kwargs(recipe, kw, num_moe_layers))

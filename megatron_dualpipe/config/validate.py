@@ -272,7 +272,12 @@ def check_fp8(recipe: Recipe) -> None:
 
 
 def check_fusions(recipe: Recipe) -> None:
-    p = recipe.parallel
+    p, m = recipe.parallel, recipe.model
+    if m.mla_down_proj_fusion and (m.attention != "mla" or m.mla.q_lora_rank is None):
+        got = (f"model.attention={m.attention}" if m.attention != "mla"
+               else "model.mla.q_lora_rank=null")
+        raise UserError(f"model.mla_down_proj_fusion=true needs model.attention=mla with a "
+                        f"model.mla.q_lora_rank (got {got}); set model.mla_down_proj_fusion=false")
     if recipe.model.gradient_accumulation_fusion and run_options(p)[0]:
         raise UserError(
             f"model.gradient_accumulation_fusion=true cannot be combined with parallel.schedule="

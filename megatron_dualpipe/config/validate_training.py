@@ -147,4 +147,13 @@ def unsupported_for_training(recipe: Recipe) -> list[str]:
             "supported by Megatron-Core 0.19's token dispatchers (alltoall and allgather send "
             "BF16; flex/DeepEP and HybridEP have no FP8 dispatch option); allowed values: false"
         )
+    m = recipe.model
+    local = ("train.device=cpu" if recipe.train.device == "cpu"
+             else "model.spec=local" if m.spec == "local" else None)
+    if m.attention == "mla" and local:
+        problems.append(
+            f"model.attention=mla needs Transformer Engine layers on a GPU ({local} builds "
+            "Megatron-Core 0.19's local layers, whose attention has no MLA head sizes); allowed "
+            f"values with {local}: mha"
+        )
     return problems

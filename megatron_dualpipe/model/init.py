@@ -19,6 +19,9 @@ _LOCAL_EXPERT = re.compile(r"^(.*experts\.local_experts\.)(\d+)(\..*)$")
 _TE_EXPERT = re.compile(r"^(.*experts\.linear_fc[12]\.weight)(\d+)$")
 _OUTPUT_PROJ = ("linear_proj.weight", "linear_fc2.weight")
 _EMBEDDING = "embedding.word_embeddings.weight"
+# MLA's fused q/kv down projection (model.mla_down_proj_fusion) starts as the unfused q and kv
+# down projections stacked, so both layouts train from the same weights.
+_FUSED_DOWN = "linear_qkv_down_proj.weight"
 
 
 def global_param_name(chunk, local_name: str, ep_rank: int, num_local_experts: int) -> str:
@@ -72,7 +75,17 @@ def _full_shape(param: torch.Tensor, tp: int) -> tuple[list[int], int | None]:
     return shape, None
 
 
-def init_value(name: str, shape: list[int], std: float, num_layers: int, seed: int):
+def init_value(name: str, shape: list[int], std: float, num_layers: int, seed: int,
+               q_lora_rank: int | None = None):
+    """The initial value of global parameter `name`; `q_lora_rank` splits MLA's fused q/kv
+    down projection into the unfused parameters it starts from."""
+    if name.endswith(_FUSED_DOWN) and q_lora_rank:
+        head = name.removesuffix(_FUSED_DOWN)
+        q = init_value(f"{head}linear_q_down_proj.weight", [q_lora_rank, *shape[1:]], std,
+                       num_layers, seed)
+        kv = init_value(f"{head}linear_kv_down_proj.weight", [shape[0] - q_lora_rank,
+                        *shape[1:]], std, num_layers, seed)
+        return torch.cat([q, kv])
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     leaf = name.rsplit(".", 1)[-1]
     if "norm" in name and leaf in ("weight",) or name.endswith("layer_norm_weight"):
@@ -88,10 +101,11 @@ def init_value(name: str, shape: list[int], std: float, num_layers: int, seed: i
 def init_chunk(chunk, *, seed: int, std: float, num_layers: int, tp: int, tp_rank: int,
                ep_rank: int, num_local_experts: int) -> None:
     """Overwrite every parameter of `chunk` with its layout-independent initial value."""
+    q_lora_rank = getattr(getattr(chunk, "config", None), "q_lora_rank", None)
     for local_name, param in chunk.named_parameters():
         name = global_param_name(chunk, local_name, ep_rank, num_local_experts)
         shape, dim = _full_shape(param, tp)
-        value = init_value(name, shape, std, num_layers, seed)
+        value = init_value(name, shape, std, num_layers, seed, q_lora_rank)
         if dim is not None:
             value = value.chunk(tp, dim=dim)[tp_rank]
         param.copy_(value.to(param.dtype))
