@@ -162,10 +162,12 @@ def _spawn(*_args, **_kwargs):
 
 @pytest.fixture(scope="module")
 def no_workers():
-    """No worker starts; the machine has H200s (141 GB), wherever the test runs."""
+    """No worker starts; the machine has H200s (141 GB) and Transformer Engine, wherever the
+    test runs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(launch, "spawn_local", _spawn)
         patch.setattr(preflight, "device_memory_gb", lambda recipe: ("GPU", 141.0))
+        patch.setattr(preflight, "transformer_engine_installed", lambda: True)
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
             patch.delenv(var, raising=False)
         yield

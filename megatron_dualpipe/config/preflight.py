@@ -46,10 +46,15 @@ def check_mla_device(recipe: Recipe) -> None:
         raise UserError("model.attention=mla needs a GPU with Transformer Engine and this machine "
                         "has no GPU (nvidia-smi finds no device); allowed here: "
                         "model.attention=mha")
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not transformer_engine_installed():
         raise UserError("model.attention=mla needs Transformer Engine layers, and "
                         "transformer_engine is not installed (pip install "
                         "'megatron_dualpipe[gpu]'); allowed without it: model.attention=mha")
+
+
+def transformer_engine_installed() -> bool:
+    """Whether transformer_engine can be imported here (looked up, not imported)."""
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _try_writing(field: str, path: Path) -> None:
