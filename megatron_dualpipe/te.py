@@ -19,6 +19,12 @@ def te_available() -> bool:
     return True
 
 
+def te_installed() -> bool:
+    """Whether `transformer_engine` is installed, looked up without importing it (launcher
+    checks, which must not pay TE's import)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def te_fused_adam_available() -> bool:
     """Transformer Engine's FusedAdam (the only Adam with BF16 moments in Megatron-Core 0.19)."""
     try:
@@ -30,7 +36,7 @@ def te_fused_adam_available() -> bool:
 
 def te_version() -> str | None:
     """Transformer Engine's version from the installed distribution, None if not installed."""
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not te_installed():
         return None
     for dist in ("transformer-engine", "transformer_engine", "transformer-engine-torch",
                  "transformer-engine-cu13", "transformer-engine-cu12"):

@@ -58,10 +58,10 @@ def test_mla_machine_rule(monkeypatch):
     with pytest.raises(UserError, match="this machine has no GPU"):
         preflight.check_mla_device(recipe)
     monkeypatch.setattr(preflight, "_gpu_memory_gb", lambda: [141.0])
-    monkeypatch.setattr(preflight, "transformer_engine_installed", lambda: False)
+    monkeypatch.setattr(preflight.te, "te_installed", lambda: False)
     with pytest.raises(UserError, match="transformer_engine is not installed"):
         preflight.check_mla_device(recipe)
-    monkeypatch.setattr(preflight, "transformer_engine_installed", lambda: True)
+    monkeypatch.setattr(preflight.te, "te_installed", lambda: True)
     preflight.check_mla_device(recipe)
     preflight.check_mla_device(load_recipe(TINY))  # MHA: nothing to check
 

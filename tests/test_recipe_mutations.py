@@ -167,7 +167,7 @@ def no_workers():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(launch, "spawn_local", _spawn)
         patch.setattr(preflight, "device_memory_gb", lambda recipe: ("GPU", 141.0))
-        patch.setattr(preflight, "transformer_engine_installed", lambda: True)
+        patch.setattr(preflight.te, "te_installed", lambda: True)
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
             patch.delenv(var, raising=False)
         yield

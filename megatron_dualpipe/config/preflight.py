@@ -8,12 +8,12 @@ memory rule itself (`planning/fits.py`) compares `device_memory_gb` with `plan`'
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from megatron_dualpipe import te
 from megatron_dualpipe.config.schema import Recipe
 from megatron_dualpipe.errors import UserError
 
@@ -46,15 +46,10 @@ def check_mla_device(recipe: Recipe) -> None:
         raise UserError("model.attention=mla needs a GPU with Transformer Engine and this machine "
                         "has no GPU (nvidia-smi finds no device); allowed here: "
                         "model.attention=mha")
-    if not transformer_engine_installed():
+    if not te.te_installed():
         raise UserError("model.attention=mla needs Transformer Engine layers, and "
                         "transformer_engine is not installed (pip install "
                         "'megatron_dualpipe[gpu]'); allowed without it: model.attention=mha")
-
-
-def transformer_engine_installed() -> bool:
-    """Whether transformer_engine can be imported here (looked up, not imported)."""
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _try_writing(field: str, path: Path) -> None:
